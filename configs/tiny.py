@@ -1,0 +1,32 @@
+"""Tiny base model for CPU: 32x32, 3 experts (Config-D layout). Runs in seconds on 2 cores.
+
+    python -m ediffi_jax.info --config configs/tiny.py
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.name = "tiny"
+    c.model = ml_collections.ConfigDict(dict(
+        resolution=32,
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        attention_head_dim=16,
+        context_dim=32,
+        t5_dim=32,
+        t5_length=16,
+        clip_dim=32,
+        clip_length=16,
+        clip_pooled_dim=32,
+        clip_image_dim=32,
+        dtype="float32",
+    ))
+    c.experts = "D"
+    c.sampling = ml_collections.ConfigDict(dict(
+        sampler="heun", num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+        guidance_scale=3.0, s_churn=0.0,
+    ))
+    return c

@@ -1,0 +1,29 @@
+"""Classifier-free guidance: D = D_u + w (D_c - D_u), so w = 1 is the conditional prediction and
+w = 0 the unconditional one (the diffusers/eDiff-I convention)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def combine(d_cond, d_uncond, scale):
+    return d_uncond + scale * (d_cond - d_uncond)
+
+
+def guided_denoise(denoise_fn, params, x, sigma, cond, uncond, scale, use_cfg: bool):
+    """Evaluate the conditional and unconditional branches in one batched call and combine.
+
+    denoise_fn(params, x, sigma, cond) -> D; `sigma` is per example [B]. With use_cfg False only
+    the conditional branch runs (scale is then ignored, as scale 1 would give the same result).
+    """
+    if not use_cfg:
+        return denoise_fn(params, x, sigma, cond)
+    batch = x.shape[0]
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+    d = denoise_fn(
+        params,
+        jnp.concatenate([x, x], axis=0),
+        jnp.concatenate([sigma, sigma], axis=0),
+        both,
+    )
+    return combine(d[:batch], d[batch:], scale)

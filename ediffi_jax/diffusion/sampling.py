@@ -1,0 +1,167 @@
+"""Run a sampling `Plan`: one jitted `lax.fori_loop` per segment, expert params passed as data.
+
+Noise is per example: example e of a run with seed s draws from fold_in(key(s), e), so an image
+does not depend on the batch it was sampled in, on the device count, or on its position.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ediffi_jax.diffusion.guidance import guided_denoise
+from ediffi_jax.diffusion.plan import Plan, SegmentSettings
+
+# denoise_fn(params, x, sigma[B], cond, settings) -> D(x; sigma) in float32
+DenoiseFn = Callable[[Any, jax.Array, jax.Array, Any, SegmentSettings], jax.Array]
+
+
+class SamplerState(NamedTuple):
+    x: jax.Array
+    prev_denoised: jax.Array  # DPM-Solver++(2M)'s history; zeros for the other samplers
+
+
+def example_keys(seed: int | jax.Array, example_indices) -> jax.Array:
+    """One key per example: fold_in(seed key, global example index)."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(example_indices, jnp.uint32))
+
+
+def _normal_per_example(keys, shape, salt):
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(keys)
+
+
+_INITIAL_NOISE_SALT = 0x7FFFFFFF  # step noise uses the step index; keep the initial draw apart
+
+
+def initial_noise(keys, shape, sigma_max) -> jax.Array:
+    return sigma_max * _normal_per_example(keys, shape, _INITIAL_NOISE_SALT)
+
+
+def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
+    """One step of the configured sampler. `denoise(which, x, sigma)` evaluates expert call
+    `which` (0: first evaluation of the step, 1: second)."""
+    x, prev = state
+    batch = x.shape[0]
+    per_ex = lambda v: jnp.full((batch,), v, jnp.float32)  # noqa: E731
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+
+    if settings.sampler == "dpmpp_2m":
+        d = denoise(0, x, per_ex(sigma))
+        t, t_next = -jnp.log(sigma), -jnp.log(sigma_next)
+        h = t_next - t
+        ratio = sigma_next / sigma
+        first_order = ratio * x - jnp.expm1(-h) * d
+        sigma_prev = sigmas[jnp.maximum(i - 1, 0)]
+        r = (t - (-jnp.log(sigma_prev))) / h
+        d_extrap = (1.0 + 0.5 / r) * d - (0.5 / r) * prev
+        second_order = ratio * x - jnp.expm1(-h) * d_extrap
+        use_second = (i > 0) & (sigma_next > 0)
+        return SamplerState(jnp.where(use_second, second_order, first_order), d)
+
+    sigma_hat = sigma * (1.0 + gammas[i])
+    if settings.stochastic:
+        eps = _normal_per_example(keys, x.shape[1:], i)
+        x = x + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * eps
+    d = (x - denoise(0, x, per_ex(sigma_hat))) / sigma_hat
+    x_next = x + (sigma_next - sigma_hat) * d
+    if settings.sampler == "heun":
+
+        def correct(x_next):
+            d2 = (x_next - denoise(1, x_next, per_ex(sigma_next))) / sigma_next
+            return x + (sigma_next - sigma_hat) * 0.5 * (d + d2)
+
+        x_next = jax.lax.cond(sigma_next > 0, correct, lambda x_next: x_next, x_next)
+    return SamplerState(x_next, prev)
+
+
+class PlanRunner:
+    """Compiles one loop per distinct `SegmentSettings` and runs plans with it.
+
+    `trace_count` counts traces of the segment loop (each trace is a compile), so benchmarks and
+    tests can check that experts of one architecture share one compiled function.
+    """
+
+    def __init__(self, denoise_fn: DenoiseFn):
+        self.denoise_fn = denoise_fn
+        self.trace_count = 0
+        self._loops: dict[SegmentSettings, Callable] = {}
+
+    def _segment_loop(
+        self, params_first, params_second, state, sigmas, gammas, s_noise, start, stop, scale,
+        cond, uncond, keys, *, settings: SegmentSettings,
+    ):
+        self.trace_count += 1
+        expert_params = (params_first, params_second)
+
+        def denoise(which, x, sigma):
+            fn = functools.partial(self.denoise_fn, settings=settings)
+            return guided_denoise(
+                fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg
+            )
+
+        body = lambda i, st: _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)  # noqa: E731
+        return jax.lax.fori_loop(start, stop, body, state)
+
+    def loop(self, settings: SegmentSettings) -> Callable:
+        if settings not in self._loops:
+            self._loops[settings] = jax.jit(
+                functools.partial(self._segment_loop, settings=settings), donate_argnums=(2,)
+            )
+        return self._loops[settings]
+
+    def run(
+        self,
+        plan: Plan,
+        expert_params: Sequence[Any],
+        cond: Any,
+        uncond: Any,
+        keys: jax.Array,
+        x: jax.Array,
+    ) -> jax.Array:
+        """Integrate from x (already at sigma_max scale) through every segment of the plan."""
+        sigmas = jnp.asarray(plan.sigmas, jnp.float32)
+        gammas = jnp.asarray(plan.gammas, jnp.float32)
+        # A fresh buffer: the loops donate their state, the caller keeps x.
+        x = jnp.array(x, jnp.float32, copy=True)
+        state = SamplerState(x, jnp.zeros_like(x))
+        for seg in plan.segments:
+            state = self.loop(seg.settings)(
+                expert_params[seg.experts[0]],
+                expert_params[seg.experts[1]],
+                state,
+                sigmas,
+                gammas,
+                jnp.float32(plan.s_noise),
+                jnp.int32(seg.start),
+                jnp.int32(seg.stop),
+                jnp.float32(seg.guidance_scale),
+                cond,
+                uncond,
+                keys,
+            )
+        return state.x
+
+    def sample(
+        self,
+        plan: Plan,
+        expert_params: Sequence[Any],
+        shape: tuple[int, ...],
+        *,
+        seed: int,
+        example_indices,
+        cond: Any = None,
+        uncond: Any = None,
+        batch_sharding: jax.sharding.Sharding | None = None,
+    ) -> jax.Array:
+        """Draw the examples `example_indices` of run `seed`: initial noise, then the plan.
+        `shape` is one example's shape (e.g. [H, W, C]); `batch_sharding` places the batch
+        (e.g. NamedSharding(mesh, P(("data", "fsdp")))) and with it every segment's work."""
+        indices = jnp.asarray(example_indices, jnp.uint32)
+        if batch_sharding is not None:
+            indices = jax.device_put(indices, batch_sharding)
+        keys = example_keys(seed, indices)
+        x = initial_noise(keys, tuple(shape), float(plan.sigmas[0]))
+        return self.run(plan, expert_params, cond, uncond, keys, x)

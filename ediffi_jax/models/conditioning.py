@@ -1,0 +1,62 @@
+"""The U-Net's text/image conditioning as one pytree.
+
+eDiff-I conditions on T5 tokens, CLIP text tokens + the pooled CLIP text vector, and a CLIP image
+embedding (style). Each is dropped independently in training by zeroing it (tokens and their
+padding mask alike), so at sampling any subset can be given and the rest left as zeros; all zeros
+is the unconditional branch of classifier-free guidance.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PARTS = ("t5", "clip_text", "clip_image")
+
+
+@flax.struct.dataclass
+class Conditioning:
+    t5_tokens: jax.Array  # [B, L_t5, D_t5]
+    t5_mask: jax.Array  # [B, L_t5], 1 where a real token is
+    clip_tokens: jax.Array  # [B, L_clip, D_clip]
+    clip_mask: jax.Array  # [B, L_clip]
+    clip_pooled: jax.Array  # [B, D_pooled]
+    clip_image: jax.Array  # [B, D_image]
+
+    @property
+    def batch_size(self) -> int:
+        return self.t5_tokens.shape[0]
+
+    @classmethod
+    def zeros(cls, batch: int, *, t5_length: int, t5_dim: int, clip_length: int, clip_dim: int,
+              clip_pooled_dim: int, clip_image_dim: int, dtype=jnp.float32) -> "Conditioning":
+        z = lambda *s: jnp.zeros(s, dtype)  # noqa: E731
+        return cls(
+            t5_tokens=z(batch, t5_length, t5_dim),
+            t5_mask=z(batch, t5_length),
+            clip_tokens=z(batch, clip_length, clip_dim),
+            clip_mask=z(batch, clip_length),
+            clip_pooled=z(batch, clip_pooled_dim),
+            clip_image=z(batch, clip_image_dim),
+        )
+
+    def keep(self, t5=None, clip_text=None, clip_image=None) -> "Conditioning":
+        """Zero the parts whose per-example keep flag [B] is False (None keeps everything)."""
+
+        def gate(x, flag):
+            if flag is None:
+                return x
+            flag = jnp.asarray(flag).astype(x.dtype)
+            return x * flag.reshape(flag.shape + (1,) * (x.ndim - 1))
+
+        return self.replace(
+            t5_tokens=gate(self.t5_tokens, t5),
+            t5_mask=gate(self.t5_mask, t5),
+            clip_tokens=gate(self.clip_tokens, clip_text),
+            clip_mask=gate(self.clip_mask, clip_text),
+            clip_pooled=gate(self.clip_pooled, clip_text),
+            clip_image=gate(self.clip_image, clip_image),
+        )
+
+    def unconditional(self) -> "Conditioning":
+        return jax.tree.map(jnp.zeros_like, self)

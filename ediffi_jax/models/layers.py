@@ -1,0 +1,169 @@
+"""Layers shared by the U-Nets: every parameter carries logical axis names (parallel/rules.py maps
+them onto a mesh), normalisation statistics and softmax run in float32.
+
+`Conv` is the one place where a 3x3 convolution happens, so that ScaleCrafter-style plans can
+re-dilate any conv by its stable layer path (e.g. "down_1/res_0/conv1") without touching
+parameters: the dilation is a static, per-call setting, not a parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def _param(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+zeros_init = nn.initializers.zeros_init()
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSetting:
+    """Static per-layer conv behaviour at sampling time (ScaleCrafter extends this)."""
+
+    dilation: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.dilation, int) and self.dilation >= 1):
+            raise ValueError(f"conv dilation must be an integer >= 1, got {self.dilation!r}")
+
+
+DEFAULT_CONV = ConvSetting()
+ConvSettings = Mapping[str, ConvSetting]
+
+
+def layer_path(module: nn.Module) -> str:
+    """The stable path of a module inside the root model, e.g. 'down_1/res_0/conv1'."""
+    return "/".join(module.scope.path)
+
+
+def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1):
+    """NHWC x HWIO convolution with SAME padding; dilation via rhs_dilation (no zero kernel)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding="SAME",
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+class Conv(nn.Module):
+    """A kxk conv whose dilation comes from `conv_settings[layer path]` (default 1)."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, conv_settings: ConvSettings | None = None):
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            _param(zeros_init if self.zero_init else default_kernel_init,
+                   ("conv_h", "conv_w", "conv_in", "conv_out")),
+            (k, k, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        bias = self.param("bias", _param(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
+        setting = (conv_settings or {}).get(layer_path(self), DEFAULT_CONV)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
+                   dilation=setting.dilation)
+        return y + bias.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    features: int
+    names: tuple[str, str] = ("embed", "mlp")
+    zero_init: bool = False
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel",
+            _param(zeros_init if self.zero_init else default_kernel_init, self.names),
+            (x.shape[-1], self.features),
+            jnp.float32,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", _param(zeros_init, self.names[1:]), (self.features,),
+                              jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def norm_groups(channels: int) -> int:
+    """EDM/ADM convention: 32 groups, fewer for narrow layers (at least 4 channels a group)."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with statistics in float32; output in the compute dtype."""
+
+    dtype: Dtype = jnp.float32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        g = norm_groups(c)
+        scale = self.param("scale", _param(nn.initializers.ones_init(), ("norm",)), (c,), jnp.float32)
+        bias = self.param("bias", _param(zeros_init, ("norm",)), (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        xg = x32.reshape(x.shape[:-1] + (g, c // g))
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = jnp.mean(xg, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+        xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+        y = xg.reshape(x.shape) * scale + bias
+        return y.astype(self.dtype)
+
+
+def attention(q, k, v, *, key_mask=None, bias=None, implementation: str = "xla"):
+    """softmax((Q K^T + bias) / sqrt(d)) V over heads.
+
+    q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; key_mask: [B, Nk] (True/1 = attend);
+    bias: additive logits before the 1/sqrt(d) scaling, broadcastable to [B, H, Nq, Nk]
+    (paint-with-words adds w * A here). Softmax in float32.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if implementation != "xla":
+        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+        return jax.nn.dot_product_attention(
+            q, k, v,
+            bias=None if bias is None else (bias * scale).astype(q.dtype),
+            mask=mask,
+            implementation=None if implementation == "auto" else implementation,
+        )
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    logits = logits * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask.astype(bool)[:, None, None, :], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -1,0 +1,313 @@
+"""The eDiff-I base U-Net: ADM-style (Dhariwal & Nichol) with scale-shift norm, self-attention
+followed by cross-attention at the attention resolutions, conditioned on the noise level, the
+pooled CLIP text vector and the CLIP image embedding (added to the time embedding), and on
+T5 + CLIP text tokens, one CLIP image token and a learned null token (cross-attention context).
+
+Layer paths are stable and flat-named, e.g. "down1_res0/conv1", "mid_res1/conv2",
+"up2_upsample/conv"; ScaleCrafter plans address convs by these paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.models.layers import (
+    ATTENTION_IMPLEMENTATIONS, Conv, ConvSetting, ConvSettings, Dense, GroupNorm, attention,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of one denoiser. `resolution` is the training resolution; attention
+    resolutions are feature-map sides at that input size (the U-Net runs at other sizes too)."""
+
+    resolution: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 256
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 3
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    attention_head_dim: int = 64
+    scale_shift_norm: bool = True
+    dropout: float = 0.0
+    context_dim: int = 1024  # width of the cross-attention tokens
+    t5_dim: int = 4096  # T5-XXL
+    t5_length: int = 128
+    clip_dim: int = 768  # CLIP ViT-L/14 text hidden size
+    clip_length: int = 77
+    clip_pooled_dim: int = 768
+    clip_image_dim: int = 768
+    dtype: str = "float32"  # compute dtype; params are always float32
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        levels = len(self.channel_mult)
+        if levels < 1:
+            raise ValueError("channel_mult needs at least one level")
+        factor = 2 ** (levels - 1)
+        if self.resolution % factor:
+            raise ValueError(
+                f"resolution {self.resolution} cannot be halved {levels - 1} times "
+                f"(channel_mult has {levels} levels); use a multiple of {factor}"
+            )
+        sides = [self.resolution // 2**lvl for lvl in range(levels)]
+        bad = [r for r in self.attention_resolutions if r not in sides]
+        if bad:
+            raise ValueError(
+                f"attention_resolutions {bad} do not occur in this U-Net: its feature maps are "
+                f"{sides} at resolution {self.resolution}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def attention_levels(self) -> frozenset[int]:
+        return frozenset(
+            lvl for lvl in range(len(self.channel_mult))
+            if self.resolution // 2**lvl in self.attention_resolutions
+        )
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def zero_conditioning(self, batch: int) -> Conditioning:
+        return Conditioning.zeros(
+            batch, t5_length=self.t5_length, t5_dim=self.t5_dim, clip_length=self.clip_length,
+            clip_dim=self.clip_dim, clip_pooled_dim=self.clip_pooled_dim,
+            clip_image_dim=self.clip_image_dim,
+        )
+
+
+def noise_embedding(c_noise, channels: int, max_positions: int = 10000):
+    """Sinusoidal embedding of c_noise = ln(sigma)/4 (EDM's PositionalEmbedding)."""
+    half = channels // 2
+    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = c_noise.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class ResBlock(nn.Module):
+    out_channels: int
+    scale_shift_norm: bool = True
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, conv_settings, train: bool):
+        h = nn.silu(GroupNorm(dtype=self.dtype, name="norm1")(x))
+        h = Conv(self.out_channels, dtype=self.dtype, name="conv1")(h, conv_settings)
+        e = Dense(
+            2 * self.out_channels if self.scale_shift_norm else self.out_channels,
+            dtype=self.dtype, name="emb_proj",
+        )(nn.silu(emb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = GroupNorm(dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm(dtype=self.dtype, name="norm2")(h + e)
+        h = nn.silu(h)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv2")(h, conv_settings)
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, kernel_size=1, dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels, then cross-attention to the conditioning tokens."""
+
+    head_dim: int
+    implementation: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, context_mask, cross_bias=None):
+        b, hgt, wid, c = x.shape
+        heads = max(1, c // self.head_dim)
+        d = c // heads
+        split = lambda t: t.reshape(t.shape[:2] + (heads, d))  # noqa: E731
+
+        h = GroupNorm(dtype=self.dtype, name="self_norm")(x).reshape(b, hgt * wid, c)
+        qkv = Dense(3 * c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
+                    name="self_qkv")(h)
+        q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
+        o = attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
+        x = x + Dense(c, names=("heads", "embed"), zero_init=True, dtype=self.dtype,
+                      name="self_out")(o).reshape(x.shape)
+
+        h = GroupNorm(dtype=self.dtype, name="cross_norm")(x).reshape(b, hgt * wid, c)
+        q = split(Dense(c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
+                        name="cross_q")(h))
+        kv = Dense(2 * c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
+                   name="cross_kv")(context)
+        k, v = (split(t) for t in jnp.split(kv, 2, axis=-1))
+        o = attention(q, k, v, key_mask=context_mask, bias=cross_bias,
+                      implementation=self.implementation).reshape(b, hgt * wid, c)
+        return x + Dense(c, names=("heads", "embed"), zero_init=True, dtype=self.dtype,
+                         name="cross_out")(o).reshape(x.shape)
+
+
+class Downsample(nn.Module):
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, conv_settings):
+        return Conv(x.shape[-1], stride=2, dtype=self.dtype, name="conv")(x, conv_settings)
+
+
+class Upsample(nn.Module):
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, conv_settings):
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+        return Conv(c, dtype=self.dtype, name="conv")(x, conv_settings)
+
+
+class UNet(nn.Module):
+    """F_theta(x_in, c_noise, cond) -> network output (EDM preconditioning is outside)."""
+
+    config: UNetConfig
+
+    def _context(self, cond: Conditioning, dtype):
+        cfg = self.config
+        b = cond.batch_size
+        null = self.param("null_token", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("tokens", "embed")), (1, cfg.context_dim), jnp.float32)
+        proj = lambda name: Dense(cfg.context_dim, names=("embed", "mlp"), dtype=dtype, name=name)  # noqa: E731
+        tokens = jnp.concatenate([
+            proj("t5_proj")(cond.t5_tokens),
+            proj("clip_proj")(cond.clip_tokens),
+            proj("image_token_proj")(cond.clip_image)[:, None, :],
+            jnp.broadcast_to(null.astype(dtype)[None], (b, 1, cfg.context_dim)),
+        ], axis=1)
+        ones = jnp.ones((b, 2), jnp.float32)
+        mask = jnp.concatenate(
+            [cond.t5_mask.astype(jnp.float32), cond.clip_mask.astype(jnp.float32), ones], axis=1)
+        return tokens, mask
+
+    @nn.compact
+    def __call__(self, x, c_noise, cond: Conditioning, *, conv_settings: ConvSettings | None = None,
+                 train: bool = False):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        levels = len(cfg.channel_mult)
+        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
+            raise ValueError(
+                f"input {x.shape[1]}x{x.shape[2]} cannot be halved {levels - 1} times by this U-Net"
+            )
+        emb_dim = 4 * cfg.channels
+        emb = noise_embedding(c_noise, cfg.channels)
+        emb = Dense(emb_dim, dtype=dtype, name="time_embed_0")(emb)
+        emb = Dense(emb_dim, dtype=dtype, name="time_embed_1")(nn.silu(emb))
+        emb = emb + Dense(emb_dim, dtype=dtype, name="clip_pooled_proj")(cond.clip_pooled)
+        emb = emb + Dense(emb_dim, dtype=dtype, name="clip_image_proj")(cond.clip_image)
+        context, context_mask = self._context(cond, dtype)
+
+        res = lambda ch, name: ResBlock(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
+        attn = lambda name: AttentionBlock(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
+        constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "act_channels"))  # noqa: E731
+
+        h = Conv(cfg.channels, dtype=dtype, name="conv_in")(x.astype(dtype), conv_settings)
+        skips = [h]
+        for lvl, mult in enumerate(cfg.channel_mult):
+            for i in range(cfg.num_res_blocks):
+                h = res(cfg.channels * mult, f"down{lvl}_res{i}")(h, emb, conv_settings, train)
+                if lvl in cfg.attention_levels:
+                    h = attn(f"down{lvl}_attn{i}")(h, context, context_mask)
+                h = constrain(h)
+                skips.append(h)
+            if lvl < levels - 1:
+                h = Downsample(dtype, name=f"down{lvl}_downsample")(h, conv_settings)
+                skips.append(h)
+
+        ch = h.shape[-1]
+        h = res(ch, "mid_res0")(h, emb, conv_settings, train)
+        h = attn("mid_attn")(h, context, context_mask)
+        h = res(ch, "mid_res1")(h, emb, conv_settings, train)
+
+        for lvl in reversed(range(levels)):
+            for i in range(cfg.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res(cfg.channels * cfg.channel_mult[lvl], f"up{lvl}_res{i}")(
+                    h, emb, conv_settings, train)
+                if lvl in cfg.attention_levels:
+                    h = attn(f"up{lvl}_attn{i}")(h, context, context_mask)
+                h = constrain(h)
+            if lvl > 0:
+                h = Upsample(dtype, name=f"up{lvl}_upsample")(h, conv_settings)
+
+        h = nn.silu(GroupNorm(dtype=dtype, name="out_norm")(h))
+        out = Conv(cfg.out_channels, zero_init=True, dtype=dtype, name="conv_out")(h, conv_settings)
+        return out.astype(jnp.float32)
+
+
+def conv_layer_paths(params: Mapping) -> tuple[str, ...]:
+    """Paths of every conv (kernel of rank 4) in a U-Net params tree, in tree order."""
+    paths = []
+
+    def visit(tree, prefix):
+        for name, sub in tree.items():
+            if isinstance(sub, Mapping):
+                visit(sub, prefix + (name,))
+            elif name == "kernel" and getattr(sub, "ndim", 0) == 4:
+                paths.append("/".join(prefix))
+
+    visit(params, ())
+    return tuple(paths)
+
+
+def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:
+    """Every path named in conv_settings must be a conv of this U-Net (no silent skipping)."""
+    import difflib
+
+    known = set(conv_layer_paths(params))
+    for path, setting in conv_settings.items():
+        if path not in known:
+            close = difflib.get_close_matches(path, sorted(known), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"conv setting names unknown layer path {path!r}{hint}")
+        if not isinstance(setting, ConvSetting):
+            raise TypeError(f"conv setting for {path!r} must be a ConvSetting, got {setting!r}")
+
+
+def boxed_init(config: UNetConfig, key, batch: int = 1):
+    """Params with their logical axis names (nn.LogicallyPartitioned leaves): feed this to
+    jax.eval_shape for abstract params, or to parallel.mesh.sharded_init."""
+    res = config.resolution
+    x = jnp.zeros((batch, res, res, config.in_channels), jnp.float32)
+    return UNet(config).init(key, x, jnp.zeros((batch,)), config.zero_conditioning(batch))["params"]
+
+
+def init_params(config: UNetConfig, key, batch: int = 1):
+    """Initialise plain (unboxed) params for `config`."""
+    return nn.meta.unbox(boxed_init(config, key, batch))
+
+
+def abstract_params(config: UNetConfig):
+    """ShapeDtypeStructs of the params tree, allocating nothing."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(params) -> int:
+    return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
