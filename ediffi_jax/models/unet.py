@@ -9,6 +9,7 @@ Layer paths are stable and flat-named, e.g. "down1_res0/conv1", "mid_res1/conv2"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -299,14 +300,15 @@ def boxed_init(config: UNetConfig, key, batch: int = 1):
     return UNet(config).init(key, x, jnp.zeros((batch,)), config.zero_conditioning(batch))["params"]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "batch"))
 def init_params(config: UNetConfig, key, batch: int = 1):
-    """Initialise plain (unboxed) params for `config`."""
+    """Initialise plain (unboxed) params for `config` (jitted: one compile, not one per op)."""
     return nn.meta.unbox(boxed_init(config, key, batch))
 
 
 def abstract_params(config: UNetConfig):
     """ShapeDtypeStructs of the params tree, allocating nothing."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.eval_shape(lambda: nn.meta.unbox(boxed_init(config, jax.random.key(0))))
 
 
 def count_params(params) -> int:

@@ -1,0 +1,152 @@
+"""Dilatable convs, GroupNorm, attention, and the U-Net's layer paths."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ediffi_jax.diffusion import edm
+from ediffi_jax.models.layers import ConvSetting, GroupNorm, attention, conv2d, norm_groups
+from ediffi_jax.models.unet import UNet, UNetConfig, check_conv_settings, conv_layer_paths, noise_embedding
+from tiny import tiny_conditioning, tiny_params, tiny_unet_config
+
+
+def zero_inserted(kernel, d):
+    """The kernel a dilated conv is equivalent to: (d-1) zeros between taps."""
+    k = kernel.shape[0]
+    out = np.zeros(((k - 1) * d + 1, (k - 1) * d + 1) + kernel.shape[2:], kernel.dtype)
+    out[::d, ::d] = kernel
+    return out
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dilated_conv_equals_zero_inserted_kernel(dilation, stride):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 12, 12, 3)), jnp.float32)
+    kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+    y = conv2d(x, jnp.asarray(kernel), stride=stride, dilation=dilation)
+    y_ref = conv2d(x, jnp.asarray(zero_inserted(kernel, dilation)), stride=stride, dilation=1)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    if dilation > 1:
+        assert not np.allclose(y, conv2d(x, jnp.asarray(kernel), stride=stride))
+
+
+def test_conv_setting_rejects_bad_dilation():
+    with pytest.raises(ValueError, match="dilation"):
+        ConvSetting(dilation=0)
+
+
+def test_group_norm_matches_numpy_in_float32():
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, size=(2, 4, 4, 16)).astype(np.float32)
+    params = GroupNorm().init(jax.random.key(0), x)
+    y = GroupNorm(dtype=jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    g = norm_groups(16)
+    xg = x.reshape(2, 4, 4, g, 16 // g)
+    ref = (xg - xg.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(xg.var(axis=(1, 2, 4), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref.reshape(x.shape), atol=0.03)
+    y32 = GroupNorm().apply(params, x)
+    np.testing.assert_allclose(y32, ref.reshape(x.shape), atol=1e-5)
+
+
+def test_attention_matches_numpy_with_mask_and_bias():
+    rng = np.random.default_rng(2)
+    b, nq, nk, h, d = 2, 5, 4, 3, 8
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in [(b, nq, h, d), (b, nk, h, d), (b, nk, h, d)])
+    mask = np.array([[1, 1, 0, 1], [1, 0, 0, 0]], np.float32)
+    bias = rng.normal(size=(b, 1, nq, nk)).astype(np.float32)
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), key_mask=jnp.asarray(mask), bias=jnp.asarray(bias))
+    logits = (np.einsum("bqhd,bkhd->bhqk", q, k) + bias) / np.sqrt(d)
+    logits = np.where(mask[:, None, None, :] > 0, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", p, v), atol=1e-5)
+    # The library's other implementation (jax.nn.dot_product_attention) agrees.
+    out2 = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), key_mask=jnp.asarray(mask),
+                     bias=jnp.asarray(bias), implementation="auto")
+    np.testing.assert_allclose(out2, out, atol=1e-5)
+
+
+def test_edm_preconditioning_and_loss_weight():
+    sigma = jnp.array([0.01, 0.5, 3.0, 80.0])
+    c_skip, c_out, c_in, c_noise = edm.precondition_coefficients(sigma)
+    s, sd = np.asarray(sigma, np.float64), 0.5
+    np.testing.assert_allclose(c_skip, sd**2 / (s**2 + sd**2), rtol=1e-6)
+    np.testing.assert_allclose(c_out, s * sd / np.sqrt(s**2 + sd**2), rtol=1e-6)
+    np.testing.assert_allclose(c_in, 1 / np.sqrt(s**2 + sd**2), rtol=1e-6)
+    np.testing.assert_allclose(c_noise, np.log(s) / 4, rtol=1e-6)
+    # lambda(sigma) cancels the output scale: lambda * c_out^2 == 1.
+    np.testing.assert_allclose(edm.loss_weight(sigma) * c_out**2, 1.0, rtol=1e-5)
+    # D with F = 1 is c_skip x + c_out.
+    x = jnp.ones((4, 2, 2, 1)) * 2.0
+    d = edm.denoise(lambda x_in, c, *_: jnp.ones_like(x_in), x, sigma)
+    np.testing.assert_allclose(d[:, 0, 0, 0], 2.0 * c_skip + c_out, rtol=1e-6)
+
+
+def test_unet_layer_paths_are_stable():
+    cfg = tiny_unet_config()
+    paths = conv_layer_paths(tiny_params(cfg))
+    for p in ["conv_in", "down0_res0/conv1", "down0_downsample/conv", "mid_res1/conv2",
+              "up1_upsample/conv", "up0_res1/conv2", "conv_out"]:
+        assert p in paths
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+def _forward(cfg, params, x, cond, settings):
+    return UNet(cfg).apply({"params": params}, x, jnp.full((x.shape[0],), -0.3), cond,
+                           conv_settings=dict(settings))
+
+
+def unet_forward(cfg, params, x, settings=None, cond=None):
+    cond = tiny_conditioning(cfg, x.shape[0]) if cond is None else cond
+    return _forward(cfg, params, x, cond, tuple(sorted((settings or {}).items())))
+
+
+def test_unet_with_all_dilations_one_equals_plain_unet():
+    cfg = tiny_unet_config()
+    params = tiny_params(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    plain = unet_forward(cfg, params, x)
+    ones = {p: ConvSetting(1) for p in conv_layer_paths(params)}
+    np.testing.assert_array_equal(unet_forward(cfg, params, x, ones), plain)
+    dilated = unet_forward(cfg, params, x, {"down1_res0/conv1": ConvSetting(2)})
+    assert dilated.shape == plain.shape and float(jnp.abs(dilated - plain).max()) > 1e-3
+
+
+def test_unknown_conv_path_is_an_error_with_suggestion():
+    params = tiny_params(tiny_unet_config())
+    with pytest.raises(ValueError, match=r"down1_res0/conv1"):
+        check_conv_settings(params, {"down1_res0/conv": ConvSetting(2)})
+
+
+def test_unet_runs_at_other_resolutions_and_conditioning_matters():
+    cfg = tiny_unet_config()
+    params = tiny_params(cfg)
+    x = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+    y = unet_forward(cfg, params, x)
+    assert y.shape == (1, 32, 32, 3) and bool(jnp.all(jnp.isfinite(y)))
+    uncond = unet_forward(cfg, params, x, cond=cfg.zero_conditioning(1))
+    assert float(jnp.abs(uncond - y).max()) > 1e-4
+    with pytest.raises(ValueError, match="cannot be halved"):
+        unet_forward(cfg, params, jnp.zeros((1, 15, 15, 3)))
+
+
+def test_noise_embedding_distinguishes_sigmas():
+    e = noise_embedding(jnp.log(jnp.array([0.01, 0.1, 1.0, 10.0])) / 4, 32)
+    assert e.shape == (4, 32)
+    d = jnp.linalg.norm(e[:, None] - e[None], axis=-1)
+    assert float(jnp.min(d + jnp.eye(4) * 10)) > 0.1
+
+
+def test_bf16_compute_is_close_to_fp32():
+    cfg = tiny_unet_config()
+    params = tiny_params(cfg)
+    x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    y32 = unet_forward(cfg, params, x)
+    y16 = unet_forward(UNetConfig(**{**cfg.__dict__, "dtype": "bfloat16"}), params, x)
+    assert y16.dtype == jnp.float32
+    assert float(jnp.abs(y16 - y32).max()) < 0.05 * float(jnp.abs(y32).max()) + 1e-3
