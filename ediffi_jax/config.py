@@ -28,9 +28,11 @@ def _suggest(name: str, choices) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
-def unknown_key_error(key: str, where: str, choices) -> ConfigError:
+def unknown_key_error(key: str, where: str, choices, unknown: str | None = None) -> ConfigError:
+    """`key` is the full dotted key; `unknown` the part of it that does not exist."""
+    unknown = unknown or key.split(".")[-1]
     return ConfigError(
-        f"unknown config key {key!r} in {where}{_suggest(key.split('.')[-1], choices)} "
+        f"unknown config key {key!r} in {where}{_suggest(unknown, choices)} "
         f"(allowed: {', '.join(sorted(choices))})"
     )
 
@@ -76,7 +78,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
             where = ".".join(parts[:depth]) or "the config"
             choices = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
-            raise unknown_key_error(key, where, choices)
+            raise unknown_key_error(key, where, choices, unknown=part)
         if depth < len(parts) - 1:
             node = node[part]
     value = parse_value(text)
