@@ -74,7 +74,7 @@ def loss_weight(sigma, sigma_data: float = SIGMA_DATA):
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def _per_example(v, x):
+def expand_to(v, x):
     """Broadcast a per-example [B] vector against an image batch [B, ...]."""
     return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -90,8 +90,8 @@ def denoise(
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
     c_skip, c_out, c_in, c_noise = precondition_coefficients(sigma, sigma_data)
     x32 = x.astype(jnp.float32)
-    f = network(_per_example(c_in, x32) * x32, c_noise, *args, **kwargs)
-    return _per_example(c_skip, x32) * x32 + _per_example(c_out, x32) * f.astype(jnp.float32)
+    f = network(expand_to(c_in, x32) * x32, c_noise, *args, **kwargs)
+    return expand_to(c_skip, x32) * x32 + expand_to(c_out, x32) * f.astype(jnp.float32)
 
 
 def edm_loss(denoised, clean, sigma, sigma_data: float = SIGMA_DATA):

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from ediffi_jax.models.conditioning import Conditioning
@@ -49,6 +50,7 @@ class UNetConfig:
     clip_image_dim: int = 768
     dtype: str = "float32"  # compute dtype; params are always float32
     attention_impl: str = "xla"
+    remat: bool = False  # recompute res/attention blocks in the backward pass (saves memory)
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):
@@ -225,8 +227,12 @@ class UNet(nn.Module):
         emb = emb + Dense(emb_dim, dtype=dtype, name="clip_image_proj")(cond.clip_image)
         context, context_mask = self._context(cond, dtype)
 
-        res = lambda ch, name: ResBlock(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
-        attn = lambda name: AttentionBlock(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
+        # Hashable, so it can be a static argument of rematerialised blocks.
+        conv_settings = FrozenDict(conv_settings or {})
+        res_cls = nn.remat(ResBlock, static_argnums=(3, 4)) if cfg.remat else ResBlock
+        attn_cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
+        res = lambda ch, name: res_cls(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
+        attn = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
         constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "act_channels"))  # noqa: E731
 
         h = Conv(cfg.channels, dtype=dtype, name="conv_in")(x.astype(dtype), conv_settings)

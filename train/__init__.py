@@ -1,0 +1,1 @@
+"""Training: trainer, expert branching, embedding precompute."""

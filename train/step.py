@@ -1,0 +1,211 @@
+"""The training step: EDM loss on sigmas from an expert's interval, independent conditioning
+dropout, AdamW with clipping and warmup, EMA, gradient accumulation, and skipping of non-finite
+updates. Pure functions of (state, batch); the trainer jits them with shardings.
+
+Randomness is per example: example e draws its sigma, noise and dropout from
+fold_in(key(seed), e) where e is the global example index from the input pipeline, so a run
+does not depend on batch size, device count or where it was resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ediffi_jax.diffusion import edm
+from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.models.unet import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `train` config section."""
+
+    batch_size: int = 32  # global, per optimizer step (all microbatches together)
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0  # global norm; 0 disables
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    ema_half_life_images: float = 0.0  # if > 0, overrides ema_decay (EDM's parameterisation)
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): useful on short runs
+    grad_accum: int = 1  # microbatches per step
+    # Conditioning dropout (each part zeroed independently), eDiff-I's rates.
+    drop_t5: float = 0.25
+    drop_clip_text: float = 0.2
+    drop_clip_image: float = 0.9
+    # The expert's noise interval as probability-mass quantiles of the training log-normal.
+    sigma_quantiles: tuple[str, str] = ("0", "1")
+    max_nonfinite: int = 10  # stop after this many consecutive skipped (non-finite) steps
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        q = tuple(str(v) for v in self.sigma_quantiles)
+        object.__setattr__(self, "sigma_quantiles", q)
+        lo, hi = (Fraction(v) for v in q)
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"sigma_quantiles must satisfy 0 <= lo < hi <= 1, got {q}")
+        for name in ("drop_t5", "drop_clip_text", "drop_clip_image"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError("batch_size must be >= 1 and steps >= 0")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size}"
+            )
+
+    @property
+    def quantile_bounds(self) -> tuple[float, float]:
+        return tuple(float(Fraction(v)) for v in self.sigma_quantiles)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    nonfinite_run: jax.Array  # consecutive skipped steps
+    nonfinite_total: jax.Array
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    lr = (optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
+          else optax.constant_schedule(cfg.lr))
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def init_state(params, optimizer) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
+    )
+
+
+def ema_decay(cfg: TrainConfig, step):
+    decay = (0.5 ** (cfg.batch_size / cfg.ema_half_life_images) if cfg.ema_half_life_images > 0
+             else cfg.ema_decay)
+    if cfg.ema_warmup:
+        step = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def example_randomness(cfg: TrainConfig, index, image_shape):
+    """sigma, noise and per-part keep flags of one example, from its global index."""
+    key = jax.random.fold_in(jax.random.key(cfg.seed), index)
+    k_sigma, k_noise, k_drop = jax.random.split(key, 3)
+    q_lo, q_hi = cfg.quantile_bounds
+    sigma = edm.LogNormalSigma().sample(k_sigma, (), q_lo, q_hi)
+    noise = jax.random.normal(k_noise, image_shape, jnp.float32)
+    u = jax.random.uniform(k_drop, (3,))
+    keep = u >= jnp.array([cfg.drop_t5, cfg.drop_clip_text, cfg.drop_clip_image])
+    return sigma, noise, keep
+
+
+def loss_fn(params, unet: UNet, cfg: TrainConfig, batch, dropout_key):
+    """Mean EDM loss of a (micro)batch and per-example (loss, sigma) for logging.
+
+    batch: {"image": [B,H,W,C] in [-1, 1], "index": [B] global example indices,
+            "cond": Conditioning}.
+    """
+    images = batch["image"].astype(jnp.float32)
+    sigma, noise, keep = jax.vmap(lambda i: example_randomness(cfg, i, images.shape[1:]))(
+        batch["index"])
+    cond: Conditioning = batch["cond"].keep(t5=keep[:, 0], clip_text=keep[:, 1],
+                                           clip_image=keep[:, 2])
+    network = lambda x_in, c_noise, cond: unet.apply(  # noqa: E731
+        {"params": params}, x_in, c_noise, cond, train=True, rngs={"dropout": dropout_key})
+    denoised = edm.denoise(network, images + edm.expand_to(sigma, images) * noise, sigma, cond)
+    per_example = edm.edm_loss(denoised, images, sigma)
+    return jnp.mean(per_example), (per_example, sigma)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
+    """Mean loss and gradients over cfg.grad_accum microbatches (a scan: one microbatch of
+    activations alive at a time). Returns (loss, per_example_loss, sigma, grads)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.grad_accum == 1:
+        (loss, (per_example, sigma)), grads = grad_fn(params, unet, cfg, batch, dropout_key)
+        return loss, per_example, sigma, grads
+    micro = jax.tree.map(
+        lambda x: x.reshape((cfg.grad_accum, x.shape[0] // cfg.grad_accum) + x.shape[1:]), batch)
+
+    def body(acc, inputs):
+        i, mb = inputs
+        (l, aux), g = grad_fn(params, unet, cfg, mb, jax.random.fold_in(dropout_key, i))
+        return jax.tree.map(jnp.add, acc, g), (l, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, (per_example, sigma)) = jax.lax.scan(
+        body, zeros, (jnp.arange(cfg.grad_accum), micro))
+    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+    return jnp.mean(losses), per_example.reshape(-1), sigma.reshape(-1), grads
+
+
+def train_step(state: TrainState, batch, *, unet: UNet, cfg: TrainConfig,
+               optimizer: optax.GradientTransformation):
+    """One optimizer step; an update with a non-finite loss or gradient is skipped and counted.
+    Returns (state, metrics)."""
+    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
+    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key,
+                                                    unet=unet, cfg=cfg)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+
+    def apply(state):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = ema_decay(cfg, state.step)
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+        return state.replace(params=params, opt_state=opt_state, ema_params=ema,
+                             nonfinite_run=jnp.zeros_like(state.nonfinite_run))
+
+    def skip(state):
+        return state.replace(nonfinite_run=state.nonfinite_run + 1,
+                             nonfinite_total=state.nonfinite_total + 1)
+
+    state = jax.lax.cond(finite, apply, skip, state)
+    state = state.replace(step=state.step + 1)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "finite": finite,
+        "per_example_loss": per_example,
+        "sigma": sigma,
+    }
+    return state, metrics
+
+
+def state_shardings(optimizer, params_abstract, param_shardings, mesh) -> TrainState:
+    """Shardings of a TrainState: optimizer moments and EMA follow their parameter, scalars
+    (step, counts) are replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicated = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_abstract, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                      ema_params=param_shardings, nonfinite_run=replicated,
+                      nonfinite_total=replicated)
