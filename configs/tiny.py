@@ -29,4 +29,13 @@ def get_config():
         sampler="heun", num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
         guidance_scale=3.0, s_churn=0.0,
     ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=16, steps=1500, lr=1e-3, warmup_steps=100, grad_clip=1.0,
+        ema_decay=0.999, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    c.data = ml_collections.ConfigDict(dict(
+        name="shapes", path="",
+        shapes=ml_collections.ConfigDict(dict(max_objects=1, caption_style="full")),
+    ))
     return c

@@ -1,0 +1,1 @@
+"""Datasets: built-in and real, ArrayRecord writing, grain pipelines."""

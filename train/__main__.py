@@ -1,0 +1,29 @@
+"""python -m train --config configs/X.py[:ARG] --workdir DIR [--config.section.key=value ...]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
+    args = parser.parse_args([a for a in argv if a not in overrides])
+
+    from ediffi_jax.config import ConfigError, load_config
+    from train.trainer import train
+
+    try:
+        config = load_config(args.config, overrides)
+        train(config, args.workdir)
+    except (ConfigError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The trainer: config -> mesh, data, sharded state -> jitted, donated steps -> checkpoints/logs.
+
+    python -m train --config configs/tiny.py --workdir runs/tiny [--config.train.steps=2000]
+
+Everything that can be wrong with the input (config keys and values, the mesh against the
+devices, the batch against the data axes, the dataset's existence) is checked before anything
+compiles. A run resumes from the newest readable checkpoint in its workdir: same data order,
+same randomness, so an interrupted run continues exactly as an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ediffi_jax.config import ConfigError, section, to_dict
+from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
+from ediffi_jax.diffusion.edm import LogNormalSigma
+from ediffi_jax.encoders.toy import WordEncoder
+from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.models.unet import UNet, boxed_init
+from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
+from ediffi_jax.spec import StageSpec, parse_config
+from train.checkpoint import Checkpointer, abstract_like
+from train.step import TrainConfig, TrainState, init_state, make_optimizer, state_shardings, train_step
+from train.tensorboard import SummaryWriter
+
+DATASETS = ("shapes", "records")
+SIGMA_BUCKETS = (0.125, 0.5, 0.875)  # log-normal quantiles splitting the per-bucket loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` config section: the built-in procedural `shapes`, or ArrayRecords at `path`
+    (written by `python -m ediffi_jax.data.prepare`)."""
+
+    name: str = "shapes"
+    path: str = ""
+    shapes: Any = None  # ShapesConfig fields, for name == "shapes"
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name must be one of {DATASETS}, got {self.name!r}")
+        if self.name == "records" and not self.path:
+            raise ValueError("data.path must name an ArrayRecord dataset when data.name is 'records'")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 fills the rest
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    stage: StageSpec
+    train: TrainConfig
+    mesh: MeshConfig
+    data: DataConfig
+
+
+def parse_run(config) -> RunSpec:
+    stage = parse_config(config)
+    return RunSpec(
+        stage=stage,
+        train=section(TrainConfig, config.get("train"), "train"),
+        mesh=section(MeshConfig, config.get("mesh"), "mesh"),
+        data=section(DataConfig, config.get("data"), "data"),
+    )
+
+
+def build_source(data: DataConfig, resolution: int):
+    if data.name == "shapes":
+        from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
+
+        fields = dict(to_dict(data.shapes) or {})
+        fields.setdefault("resolution", resolution)
+        return ShapesSource(section(ShapesConfig, fields, "data.shapes"))
+    from ediffi_jax.data.records import RecordSource
+
+    return RecordSource(data.path)
+
+
+def check_layout(run: RunSpec, mesh) -> None:
+    """The global batch (and each microbatch) must split evenly over the batch axes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = run.train.batch_size // run.train.grad_accum
+    if micro % shards:
+        raise ConfigError(
+            f"train.batch_size {run.train.batch_size} (microbatch {micro} with grad_accum "
+            f"{run.train.grad_accum}) does not divide over data x fsdp = {shards} devices of mesh "
+            f"{dict(mesh.shape)}"
+        )
+
+
+class _Batches:
+    """Host batches from the pipeline -> device arrays: images to [-1, 1], captions encoded."""
+
+    def __init__(self, iterator, encoder: WordEncoder, mesh):
+        self.iterator, self.encoder, self.mesh = iterator, encoder, mesh
+
+    def next(self) -> dict:
+        batch = next(self.iterator)
+        captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+        cond = self.encoder.encode(captions)
+        host = {
+            "image": (np.asarray(batch["image"], np.float32) / 127.5 - 1.0),
+            "index": np.asarray(batch["index"], np.int32),
+            "cond": {f.name: getattr(cond, f.name) for f in dataclasses.fields(Conditioning)},
+        }
+        arrays = to_global_arrays(host, self.mesh)
+        arrays["cond"] = Conditioning(**arrays["cond"])
+        return arrays
+
+
+def _bucket_losses(losses: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
+    edges = [float(LogNormalSigma().sigma_at_quantile(q)) for q in SIGMA_BUCKETS]
+    bins = np.digitize(sigmas, edges)
+    out = {}
+    for b in range(len(edges) + 1):
+        sel = bins == b
+        if sel.any():
+            lo = f"{edges[b - 1]:.3g}" if b > 0 else "0"
+            hi = f"{edges[b]:.3g}" if b < len(edges) else "inf"
+            out[f"loss_by_sigma/({lo},{hi}]"] = float(losses[sel].mean())
+    return out
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(config, workdir: str, *, log=print) -> TrainState:
+    """Train (or resume) the run described by `config` in `workdir`. Returns the final state."""
+    run = parse_run(config)
+    tcfg, model = run.train, run.stage.model
+    mesh = make_mesh(run.mesh.shape)
+    check_layout(run, mesh)
+    source = build_source(run.data, model.resolution)
+    os.makedirs(workdir, exist_ok=True)
+
+    pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed)
+    iterator = iter(pipeline)
+    unet = UNet(model)
+    optimizer = make_optimizer(tcfg)
+    boxed = lambda: boxed_init(model, jax.random.key(tcfg.seed))  # noqa: E731
+    param_sh = logical_shardings(jax.eval_shape(boxed), mesh)
+    abstract_params = jax.eval_shape(lambda: nn.meta.unbox(boxed()))
+    state_sh = state_shardings(optimizer, abstract_params, param_sh, mesh)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+    abstract_state = abstract_like(
+        jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params), state_sh)
+    state, start = ckpt.restore(abstract_state, iterator)
+    if state is None:
+        params, _ = sharded_init(boxed, mesh)
+        state = jax.jit(functools.partial(init_state, optimizer=optimizer),
+                        out_shardings=state_sh)(params)
+        start = 0
+        log(f"starting {run.stage.name} from scratch in {workdir}")
+    else:
+        log(f"resumed {run.stage.name} from step {start} in {workdir}")
+
+    step_fn = jax.jit(
+        functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
+        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0,
+    )
+    batches = _Batches(iterator, WordEncoder.for_model(model), mesh)
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    config_json = json.loads(config.to_json_best_effort())
+    pending: list[tuple[int, dict]] = []
+    t_window, n_window, t_start = time.perf_counter(), 0, time.perf_counter()
+
+    def flush_metrics(step: int):
+        nonlocal t_window, n_window
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        rate = n_window / max(time.perf_counter() - t_window, 1e-9)
+        with open(metrics_path, "a") as f:
+            for s, m in fetched:
+                f.write(json.dumps({"step": s, "loss": float(m["loss"]),
+                                    "grad_norm": float(m["grad_norm"]),
+                                    "finite": bool(m["finite"])}) + "\n")
+        losses = np.concatenate([m["per_example_loss"] for _, m in fetched])
+        sigmas = np.concatenate([m["sigma"] for _, m in fetched])
+        finite = np.isfinite(losses)
+        scalars = {"loss": float(losses[finite].mean()) if finite.any() else float("nan"),
+                   "images_per_second": rate,
+                   "learning_rate": float(tcfg.lr * min(1.0, (step + 1) / max(tcfg.warmup_steps, 1)))}
+        scalars.update(_bucket_losses(losses[finite], sigmas[finite]))
+        writer.scalars(scalars, step)
+        writer.flush()
+        eta = (tcfg.steps - step) * tcfg.batch_size / max(rate, 1e-9)
+        log(f"step {step}/{tcfg.steps}  loss {scalars['loss']:.4f}  {rate:.1f} img/s  "
+            f"ETA {_fmt_seconds(eta)}")
+        pending.clear()
+        t_window, n_window = time.perf_counter(), 0
+
+    step = start
+    try:
+        while step < tcfg.steps:
+            batch = batches.next()
+            state, metrics = step_fn(state, batch)
+            step += 1
+            n_window += tcfg.batch_size
+            pending.append((step, {k: metrics[k] for k in ("loss", "grad_norm", "finite",
+                                                            "per_example_loss", "sigma")}))
+            run_length = int(state.nonfinite_run)  # one scalar: cheap, and must not lag
+            if run_length >= tcfg.max_nonfinite:
+                flush_metrics(step)
+                raise FloatingPointError(
+                    f"{run_length} consecutive steps had a non-finite loss or gradient (last at "
+                    f"step {step}); stopping. The last good checkpoint (step "
+                    f"{max(ckpt.steps(), default=0)}) is intact in {ckpt.directory}. Lower "
+                    "train.lr, enable train.grad_clip, or check the data.")
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                flush_metrics(step)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                flush_metrics(step)
+                ckpt.save(step, state, iterator, config_json)
+                log(f"checkpoint {step} saving (blocked {ckpt.last_blocking_seconds:.3f} s)")
+    finally:
+        ckpt.close()
+        writer.close()
+    log(f"done: {step} steps in {_fmt_seconds(time.perf_counter() - t_start)}")
+    return state
