@@ -19,5 +19,14 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# The main job on the built-in default: train the tiny model on `shapes`, sample, grade.
+DEMO ?= runs/tiny
+demo: venv
+	$(PY) -m train --config configs/tiny.py --workdir $(DEMO)/shared
+	$(PY) -m sample --ensemble $(DEMO)/shared --num 8 --out $(DEMO)/samples \
+		--prompt "a large red circle in the centre" --prompt "a small blue square at the top left" \
+		--prompt "a large green triangle at the bottom" --prompt "a small yellow circle on the right"
+	$(PY) -m sample.evaluate --ensemble $(DEMO)/shared --num 64
+
 clean:
 	rm -rf $(VENV)

@@ -1,4 +1,6 @@
-"""Tiny base model for CPU: 32x32, 3 experts (Config-D layout). Runs in seconds on 2 cores.
+"""Tiny base model for CPU: 32x32, 1.3 M params, Config-D expert layout for sampling.
+
+Training 1000 steps at batch 16 on the procedural shapes dataset takes ~12 min on 2 cores.
 
     python -m ediffi_jax.info --config configs/tiny.py
 """
@@ -30,7 +32,7 @@ def get_config():
         guidance_scale=3.0, s_churn=0.0,
     ))
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=16, steps=1500, lr=1e-3, warmup_steps=100, grad_clip=1.0,
+        batch_size=16, steps=1000, lr=1e-3, warmup_steps=100, grad_clip=1.0,
         ema_decay=0.999, log_every=50, checkpoint_every=500, keep_checkpoints=2,
     ))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))

@@ -1,5 +1,5 @@
-"""Exact resume: N steps, SIGKILL, N resumed steps == 2N straight steps; a damaged latest
-checkpoint falls back to the previous one. Real subprocesses of `python -m train`."""
+"""Exact resume: N steps, SIGKILL, N resumed steps == 2N straight steps (real subprocesses of
+`python -m train`); a damaged latest checkpoint falls back to the previous one."""
 import json
 import os
 import signal
@@ -63,7 +63,7 @@ def assert_same_params(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
 
 
-def test_sigkill_and_resume_equals_straight_run_and_corrupt_latest_falls_back(tmp_path):
+def test_sigkill_and_resume_equals_straight_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run(straight)
 
@@ -86,14 +86,25 @@ def test_sigkill_and_resume_equals_straight_run_and_corrupt_latest_falls_back(tm
         assert abs(got[s] - want[s]) <= 1e-6, (s, got[s], want[s])
     assert_same_params(final_params(killed), final_params(straight))
 
-    # Damage the latest checkpoint: the next start says so, falls back to step N and redoes the
-    # last N steps identically; the damaged step is kept aside, not deleted.
-    for dirpath, _, files in os.walk(killed / "checkpoints" / str(2 * N) / "state"):
+
+def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full((4, 4), float(step)), "step": jnp.int32(step)})
+    ckpt.wait()
+    for dirpath, _, files in os.walk(tmp_path / "checkpoints" / "2"):
         for name in files:
-            with open(os.path.join(dirpath, name), "r+b") as f:
-                size = os.path.getsize(f.name)
-                f.write(b"\x00garbage" * max(1, size // 8))
-    out = run(killed)
-    assert f"checkpoint step {2 * N} is unreadable" in out and f"resumed tiny from step {N}" in out
-    assert os.listdir(killed / "checkpoints" / "unreadable")
-    assert_same_params(final_params(killed), final_params(straight))
+            path = os.path.join(dirpath, name)
+            with open(path, "r+b") as f:
+                f.write(b"\x00garbage" * max(1, os.path.getsize(path) // 8))
+    abstract = {"w": jnp.zeros((4, 4)), "step": jnp.int32(0)}
+    state, step = ckpt.restore(abstract)
+    assert step == 1 and float(state["w"][0, 0]) == 1.0
+    assert "checkpoint step 2 is unreadable" in capsys.readouterr().out
+    assert ckpt.steps() == [1] and os.listdir(tmp_path / "checkpoints" / "unreadable")
+    ckpt.save(2, {"w": jnp.full((4, 4), 5.0), "step": jnp.int32(2)})  # the step can be redone
+    ckpt.close()

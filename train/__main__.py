@@ -5,6 +5,17 @@ import argparse
 import sys
 
 
+def use_all_cpu_cores() -> None:
+    """On a CPU-only host, one XLA device per core (data-parallel) trains ~1.5x faster than
+    one device, which leaves a core idle in the backward pass. Set before jax initialises;
+    accelerators are unaffected."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:  # only affects the host platform
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count()}".strip()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -13,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
     args = parser.parse_args([a for a in argv if a not in overrides])
 
+    use_all_cpu_cores()
     from ediffi_jax.config import ConfigError, load_config
     from train.trainer import train
 

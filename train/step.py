@@ -44,6 +44,7 @@ class TrainConfig:
     drop_clip_image: float = 0.9
     # The expert's noise interval as probability-mass quantiles of the training log-normal.
     sigma_quantiles: tuple[str, str] = ("0", "1")
+    init_from: str = ""  # a parent run's workdir: start from its latest params and EMA (branching)
     max_nonfinite: int = 10  # stop after this many consecutive skipped (non-finite) steps
     seed: int = 0
     log_every: int = 50

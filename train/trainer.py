@@ -120,6 +120,23 @@ class _Batches:
         return arrays
 
 
+def load_params(workdir: str, shardings=None, step: int | None = None):
+    """(params, ema_params, step) of a run's newest (or given) checkpoint, placed with
+    `shardings` when given. Reads only the state item: no optimizer structure needed."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise ConfigError(f"no checkpoint found in {ckpt_dir}: train that run first")
+    step = steps[-1] if step is None else step
+    restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
+    params, ema = restored["params"], restored["ema_params"]
+    if shardings is not None:
+        params, ema = jax.device_put(params, shardings), jax.device_put(ema, shardings)
+    return params, ema, step
+
+
 def _bucket_losses(losses: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
     edges = [float(LogNormalSigma().sigma_at_quantile(q)) for q in SIGMA_BUCKETS]
     bins = np.digitize(sigmas, edges)
@@ -160,7 +177,14 @@ def train(config, workdir: str, *, log=print) -> TrainState:
     abstract_state = abstract_like(
         jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params), state_sh)
     state, start = ckpt.restore(abstract_state, iterator)
-    if state is None:
+    if state is None and tcfg.init_from:
+        params, ema, parent_step = load_params(tcfg.init_from, param_sh)
+        state = jax.jit(functools.partial(init_state, optimizer=optimizer),
+                        out_shardings=state_sh)(params).replace(ema_params=ema)
+        start = 0
+        log(f"starting {run.stage.name} from {tcfg.init_from} (step {parent_step}) on sigma "
+            f"quantiles {tcfg.sigma_quantiles} in {workdir}")
+    elif state is None:
         params, _ = sharded_init(boxed, mesh)
         state = jax.jit(functools.partial(init_state, optimizer=optimizer),
                         out_shardings=state_sh)(params)

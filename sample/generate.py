@@ -1,0 +1,109 @@
+"""Load trained experts and generate images from prompts.
+
+An ensemble is described by `ensemble.json`: {"experts": ["<workdir>", ...]} (paths relative to
+the file). Each workdir holds one training run whose saved config gives its architecture and its
+noise interval (train.sigma_quantiles); the intervals must tile (0, inf). A single workdir
+trained on the whole interval is an ensemble of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from fractions import Fraction
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ediffi_jax.config import ConfigError, apply_override
+from ediffi_jax.diffusion.intervals import ExpertInterval
+from ediffi_jax.diffusion.plan import SamplingConfig
+from ediffi_jax.diffusion.sampling import PlanRunner
+from ediffi_jax.encoders.toy import WordEncoder
+from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
+from ediffi_jax.models.unet import UNet
+from train.checkpoint import Checkpointer
+from train.trainer import RunSpec, load_params, parse_run
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (saved in its newest checkpoint)."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    steps = ckpt.steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train it first")
+    config = ckpt.restore_config(steps[-1])
+    ckpt.close()
+    return ml_collections.ConfigDict(config)
+
+
+def expert_workdirs(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return [path]
+    with open(path) as f:
+        spec = json.load(f)
+    if "experts" not in spec or not spec["experts"]:
+        raise ConfigError(f"{path}: expected {{\"experts\": [workdir, ...]}}")
+    base = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(base, p) for p in spec["experts"]]
+
+
+def load_ensemble(path: str, step: int | None = None, ema: bool = True) -> tuple[RunSpec, ExpertEnsemble]:
+    """Experts ordered by noise, their EMA params, and the run spec of the first expert."""
+    experts = []
+    for workdir in expert_workdirs(path):
+        run = parse_run(run_config(workdir))
+        params, ema_params, s = load_params(workdir, step=step)
+        q_lo, q_hi = (Fraction(q) for q in run.train.sigma_quantiles)
+        experts.append((q_lo, ExpertInterval(q_lo, q_hi, os.path.basename(workdir.rstrip("/"))),
+                        ema_params if ema else params, run))
+    experts.sort(key=lambda e: e[0])
+    models = {e[3].stage.model for e in experts}
+    if len(models) != 1:
+        raise ConfigError(f"the experts of {path} have different U-Net configs; they must share one")
+    ensemble = ExpertEnsemble([e[1] for e in experts], [e[2] for e in experts])
+    return experts[0][3], ensemble
+
+
+def to_uint8(images) -> np.ndarray:
+    return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, seed: int = 0,
+             sampling: SamplingConfig | None = None, resolution: int | None = None,
+             first_index: int = 0, runner: PlanRunner | None = None) -> np.ndarray:
+    """One image per prompt (uint8 [N, H, W, 3]); example i of the run is prompt i."""
+    model = run.stage.model
+    sampling = sampling or run.stage.sampling
+    res = resolution or model.resolution
+    cond = WordEncoder.for_model(model).encode(list(prompts))
+    cond = jax.tree.map(jnp.asarray, cond)
+    runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
+    plan = sampling.plan(ensemble.intervals)
+    images = runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
+                           example_indices=np.arange(first_index, first_index + len(prompts)),
+                           cond=cond, uncond=cond.unconditional())
+    return to_uint8(images)
+
+
+def sampling_with_overrides(run: RunSpec, overrides: Sequence[str]) -> SamplingConfig:
+    """The run's sampling section with `sampling.key=value` overrides applied."""
+    base = ml_collections.ConfigDict({"sampling": dataclasses.asdict(run.stage.sampling)})
+    for item in overrides:
+        apply_override(base, item)
+    from ediffi_jax.config import section
+
+    return section(SamplingConfig, base.sampling, "sampling")
+
+
+def grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return out

@@ -1,0 +1,88 @@
+"""Binary-tree branching, ensemble assembly and the sampling CLI, end to end on a micro model."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ediffi_jax.config import ConfigError, load_config
+from sample.__main__ import main as sample_main
+from sample.generate import load_ensemble, run_config
+from train.branch import main as branch_main
+from train.ensemble import write_ensemble
+from train.trainer import load_params, train
+
+MICRO = [
+    "--config.model.resolution=16", "--config.model.channels=8", "--config.model.channel_mult=(1,2)",
+    "--config.model.attention_resolutions=(8,)", "--config.model.attention_head_dim=4",
+    "--config.model.context_dim=8", "--config.model.t5_dim=8", "--config.model.t5_length=8",
+    "--config.model.clip_dim=8", "--config.model.clip_length=8", "--config.model.clip_pooled_dim=8",
+    "--config.model.clip_image_dim=8", "--config.train.batch_size=8", "--config.train.steps=2",
+    "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+    "--config.sampling.num_steps=3", "--config.train.warmup_steps=0",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train(load_config("configs/tiny.py", MICRO), str(root / "shared"), log=lambda *_: None)
+    assert branch_main(["--parent", str(root / "shared"), "--node", "1/1",
+                        "--workdir", str(root / "E1_1"), "--config.train.steps=1"]) == 0
+    return root
+
+
+def test_children_start_from_the_parent_and_own_their_interval(runs):
+    cfg = run_config(str(runs / "E1_1"))
+    assert tuple(cfg.train.sigma_quantiles) == ("1/2", "1")
+    assert cfg.train.init_from == str(runs / "shared")
+    parent, _, _ = load_params(str(runs / "shared"))
+    child, _, step = load_params(str(runs / "E1_1"))
+    assert step == 1
+    # One small AdamW step away from the parent: close, not equal.
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(_leaves(parent), _leaves(child))]
+    assert 0 < max(diffs) < 0.05
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_branch_outside_the_parent_interval_is_an_error(runs, capsys):
+    assert branch_main(["--parent", str(runs / "E1_1"), "--node", "2/0",
+                        "--workdir", str(runs / "bad")]) == 2
+    assert "outside the parent's" in capsys.readouterr().err
+    assert not os.path.exists(runs / "bad")
+    assert branch_main(["--parent", str(runs / "shared"), "--workdir", str(runs / "bad")]) == 2
+    assert "exactly one of --node" in capsys.readouterr().err
+
+
+def test_child_interval_of_tree_nodes_and_complements():
+    from fractions import Fraction
+
+    from train.branch import child_interval
+
+    assert (child_interval("9/511", None).q_lo, child_interval("9/511", None).q_hi) == (Fraction(511, 512), 1)
+    mc = child_interval(None, ["3/0", "9/511"])
+    assert (mc.q_lo, mc.q_hi) == (Fraction(1, 8), Fraction(511, 512))
+
+
+def test_ensemble_assembly_and_sampling_cli(runs, tmp_path):
+    out = runs / "ensemble.json"
+    with pytest.raises(ValueError, match="gap"):  # E^1_1 alone leaves (0, 1/2] unowned
+        write_ensemble(str(out), [str(runs / "E1_1")])
+    assert not os.path.exists(out)
+    write_ensemble(str(out), [str(runs / "shared")])
+    run, ensemble = load_ensemble(str(out))
+    assert len(ensemble) == 1 and json.loads(out.read_text())["experts"] == ["shared"]
+
+    samples = tmp_path / "samples"
+    assert sample_main(["--ensemble", str(out), "--prompt", "a red circle", "--prompt", "a blue square",
+                        "--num", "2", "--out", str(samples), "--config.sampling.num_steps=2"]) == 0
+    grid = np.asarray(Image.open(samples / "grid.png"))
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)
+    assert len([p for p in os.listdir(samples) if p.endswith(".png")]) == 5

@@ -1,0 +1,73 @@
+"""Grow an expert from a parent run by the paper's binary-tree recipe.
+
+    python -m train.branch --parent runs/base/shared --node 1/1 --workdir runs/base/E1_1 \\
+        [--config.train.steps=40000 ...]
+    python -m train.branch --parent runs/base/shared --complement-of 3/0 9/511 --workdir runs/base/MC
+
+`--node L/I` is E^L_I, the I-th of 2^L equal-mass intervals of the training log-normal; it must
+lie inside the parent's interval. `--complement-of` trains the one model owning everything the
+listed nodes do not (the paper's M_C). The child starts from the parent's latest params and EMA
+with a fresh optimizer, inherits the parent's config, and trains only on sigmas of its interval.
+Then `python -m train.ensemble` assembles experts into one ensemble that sampling loads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def child_interval(node: str | None, complement_of: list[str] | None):
+    from ediffi_jax.diffusion.intervals import complement, tree_node
+
+    parse = lambda s: tree_node(*(int(v) for v in s.split("/")))  # noqa: E731
+    if (node is None) == (not complement_of):
+        raise ValueError("give exactly one of --node L/I or --complement-of L/I [L/I ...]")
+    if node is not None:
+        return parse(node)
+    return complement([parse(s) for s in complement_of], "complement")
+
+
+def main(argv=None) -> int:
+    from train.__main__ import use_all_cpu_cores
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    p = argparse.ArgumentParser(prog="python -m train.branch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", required=True, help="the parent run's workdir")
+    p.add_argument("--workdir", required=True, help="the child run's workdir")
+    p.add_argument("--node", help="L/I: the tree node E^L_I")
+    p.add_argument("--complement-of", nargs="+", metavar="L/I")
+    args = p.parse_args([a for a in argv if a not in overrides])
+    use_all_cpu_cores()
+
+    from fractions import Fraction
+
+    from ediffi_jax.config import ConfigError, apply_override
+    from sample.generate import run_config
+    from train.trainer import parse_run, train
+
+    try:
+        child = child_interval(args.node, args.complement_of)
+        config = run_config(args.parent)
+        parent_lo, parent_hi = (Fraction(q) for q in parse_run(config).train.sigma_quantiles)
+        if not (parent_lo <= child.q_lo and child.q_hi <= parent_hi):
+            raise ConfigError(
+                f"{child.name} owns quantiles ({child.q_lo}, {child.q_hi}], outside the parent's "
+                f"({parent_lo}, {parent_hi}]: branch from an ancestor whose interval contains it")
+        config.unlock()
+        config.train.init_from = args.parent
+        config.train.sigma_quantiles = (str(child.q_lo), str(child.q_hi))
+        config.name = f"{config.get('name', 'stage')}-{child.name}"
+        for item in overrides:
+            apply_override(config, item)
+        config.lock()
+        train(config, args.workdir)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
