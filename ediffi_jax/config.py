@@ -56,6 +56,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments -> (`--config.a.b=value` overrides, the other arguments)."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return overrides, [a for a in argv if not a.startswith("--config.")]
+
+
 def parse_value(text: str) -> Any:
     """Python literals (numbers, tuples, lists, True/None); anything else is a string."""
     try:

@@ -14,7 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from ediffi_jax.config import load_config
+from ediffi_jax.config import load_config, split_overrides
 from ediffi_jax.models.unet import UNet, UNetConfig, abstract_params
 from ediffi_jax.spec import parse_config
 
@@ -38,11 +38,11 @@ def forward_flops(model: UNetConfig, batch: int = 1, resolution: int | None = No
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
+    overrides, rest = split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
     parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args = parser.parse_args(rest)
     spec = parse_config(load_config(args.config, overrides))
     params = abstract_params(spec.model)
     n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))

@@ -10,10 +10,12 @@ import argparse
 import os
 import sys
 
+from ediffi_jax.config import split_overrides
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
+    overrides, rest = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ensemble", required=True, help="ensemble.json or a run's workdir")
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
-    args = p.parse_args([a for a in argv if a not in overrides])
+    args = p.parse_args(rest)
 
     import numpy as np
     from PIL import Image

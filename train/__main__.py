@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ediffi_jax.config import split_overrides
+
 
 def use_all_cpu_cores() -> None:
     """On a CPU-only host, one XLA device per core (data-parallel) trains ~1.5x faster than
@@ -18,11 +20,11 @@ def use_all_cpu_cores() -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
+    overrides, rest = split_overrides(argv)
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args = parser.parse_args(rest)
 
     use_all_cpu_cores()
     from ediffi_jax.config import ConfigError, load_config

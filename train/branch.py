@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ediffi_jax.config import split_overrides
+
 
 def child_interval(node: str | None, complement_of: list[str] | None):
     from ediffi_jax.diffusion.intervals import complement, tree_node
@@ -31,14 +33,14 @@ def main(argv=None) -> int:
     from train.__main__ import use_all_cpu_cores
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
+    overrides, rest = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m train.branch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parent", required=True, help="the parent run's workdir")
     p.add_argument("--workdir", required=True, help="the child run's workdir")
     p.add_argument("--node", help="L/I: the tree node E^L_I")
     p.add_argument("--complement-of", nargs="+", metavar="L/I")
-    args = p.parse_args([a for a in argv if a not in overrides])
+    args = p.parse_args(rest)
     use_all_cpu_cores()
 
     from fractions import Fraction
