@@ -24,8 +24,8 @@ DEMO ?= runs/tiny
 demo: venv
 	$(PY) -m train --config configs/tiny.py --workdir $(DEMO)/shared
 	$(PY) -m sample --ensemble $(DEMO)/shared --num 8 --out $(DEMO)/samples \
-		--prompt "a large red circle in the centre" --prompt "a small blue square at the top left" \
-		--prompt "a large green triangle at the bottom" --prompt "a small yellow circle on the right"
+		--prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
+		--prompt "a yellow circle" --prompt "a magenta square" --prompt "a cyan triangle"
 	$(PY) -m sample.evaluate --ensemble $(DEMO)/shared --num 64
 
 clean:

@@ -33,11 +33,12 @@ def get_config():
     ))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=16, steps=1000, lr=1e-3, warmup_steps=100, grad_clip=1.0,
-        ema_decay=0.999, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+        ema_decay=0.995, log_every=50, checkpoint_every=500, keep_checkpoints=2,
     ))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
     c.data = ml_collections.ConfigDict(dict(
         name="shapes", path="",
-        shapes=ml_collections.ConfigDict(dict(max_objects=1, caption_style="full")),
+        # Colour + shape captions ("a red circle"): the demo's bar; "full" adds size, position.
+        shapes=ml_collections.ConfigDict(dict(max_objects=1, caption_style="short")),
     ))
     return c
