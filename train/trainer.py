@@ -121,16 +121,25 @@ class _Batches:
 
 
 def load_params(workdir: str, shardings=None, step: int | None = None):
-    """(params, ema_params, step) of a run's newest (or given) checkpoint, placed with
-    `shardings` when given. Reads only the state item: no optimizer structure needed."""
+    """(params, ema_params, step) of a run's newest (or given) checkpoint, on this host's devices
+    whatever the topology it was saved with: placed with `shardings` when given, else on the
+    first device. Reads only the state item: no optimizer structure needed."""
     import orbax.checkpoint as ocp
+    from jax.sharding import SingleDeviceSharding
 
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
     if not steps:
         raise ConfigError(f"no checkpoint found in {ckpt_dir}: train that run first")
     step = steps[-1] if step is None else step
-    restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
+    path = os.path.join(ckpt_dir, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    # An explicit target for every leaf: orbax refuses target-less restores across topologies.
+    here = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
+    restored = checkpointer.restore(path, target)
     params, ema = restored["params"], restored["ema_params"]
     if shardings is not None:
         params, ema = jax.device_put(params, shardings), jax.device_put(ema, shardings)
@@ -155,7 +164,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(config, workdir: str, *, log=print) -> TrainState:
+def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> TrainState:
     """Train (or resume) the run described by `config` in `workdir`. Returns the final state."""
     run = parse_run(config)
     tcfg, model = run.train, run.stage.model
@@ -169,27 +178,28 @@ def train(config, workdir: str, *, log=print) -> TrainState:
     unet = UNet(model)
     optimizer = make_optimizer(tcfg)
     boxed = lambda: boxed_init(model, jax.random.key(tcfg.seed))  # noqa: E731
-    param_sh = logical_shardings(jax.eval_shape(boxed), mesh)
-    abstract_params = jax.eval_shape(lambda: nn.meta.unbox(boxed()))
+    abstract_boxed = jax.eval_shape(boxed)
+    abstract_params = nn.meta.unbox(abstract_boxed)
+    param_sh = logical_shardings(abstract_boxed, mesh)
     state_sh = state_shardings(optimizer, abstract_params, param_sh, mesh)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     abstract_state = abstract_like(
         jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params), state_sh)
     state, start = ckpt.restore(abstract_state, iterator)
-    if state is None and tcfg.init_from:
-        params, ema, parent_step = load_params(tcfg.init_from, param_sh)
-        state = jax.jit(functools.partial(init_state, optimizer=optimizer),
-                        out_shardings=state_sh)(params).replace(ema_params=ema)
-        start = 0
-        log(f"starting {run.stage.name} from {tcfg.init_from} (step {parent_step}) on sigma "
-            f"quantiles {tcfg.sigma_quantiles} in {workdir}")
-    elif state is None:
-        params, _ = sharded_init(boxed, mesh)
+    if state is None:
+        if tcfg.init_from:  # a branched expert: the parent's params and EMA, a fresh optimizer
+            params, ema, parent_step = load_params(tcfg.init_from, param_sh)
+            origin = (f"{tcfg.init_from} (step {parent_step}) on sigma quantiles "
+                      f"{tcfg.sigma_quantiles}")
+        else:
+            (params, _), ema, origin = sharded_init(boxed, mesh), None, "scratch"
         state = jax.jit(functools.partial(init_state, optimizer=optimizer),
                         out_shardings=state_sh)(params)
+        if ema is not None:
+            state = state.replace(ema_params=ema)
         start = 0
-        log(f"starting {run.stage.name} from scratch in {workdir}")
+        log(f"starting {run.stage.name} from {origin} in {workdir}")
     else:
         log(f"resumed {run.stage.name} from step {start} in {workdir}")
 
