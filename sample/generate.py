@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ediffi_jax.config import ConfigError, apply_override
+from ediffi_jax.config import ConfigError, apply_override, section
 from ediffi_jax.diffusion.intervals import ExpertInterval
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
@@ -94,8 +94,6 @@ def sampling_with_overrides(run: RunSpec, overrides: Sequence[str]) -> SamplingC
     base = ml_collections.ConfigDict({"sampling": dataclasses.asdict(run.stage.sampling)})
     for item in overrides:
         apply_override(base, item)
-    from ediffi_jax.config import section
-
     return section(SamplingConfig, base.sampling, "sampling")
 
 

@@ -82,9 +82,14 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to cfg.lr, then constant (the optimizer's schedule, also what is logged)."""
+    return (optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
+            else optax.constant_schedule(cfg.lr))
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    lr = (optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
-          else optax.constant_schedule(cfg.lr))
+    lr = learning_rate(cfg)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)

@@ -30,7 +30,8 @@ from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
 from train.checkpoint import Checkpointer, abstract_like
-from train.step import TrainConfig, TrainState, init_state, make_optimizer, state_shardings, train_step
+from train.step import (TrainConfig, TrainState, init_state, learning_rate, make_optimizer,
+                        state_shardings, train_step)
 from train.tensorboard import SummaryWriter
 
 DATASETS = ("shapes", "records")
@@ -230,7 +231,7 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
         finite = np.isfinite(losses)
         scalars = {"loss": float(losses[finite].mean()) if finite.any() else float("nan"),
                    "images_per_second": rate,
-                   "learning_rate": float(tcfg.lr * min(1.0, (step + 1) / max(tcfg.warmup_steps, 1)))}
+                   "learning_rate": float(learning_rate(tcfg)(step - 1))}  # of the last step
         scalars.update(_bucket_losses(losses[finite], sigmas[finite]))
         writer.scalars(scalars, step)
         writer.flush()
