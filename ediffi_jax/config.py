@@ -37,8 +37,13 @@ def unknown_key_error(key: str, where: str, choices, unknown: str | None = None)
     )
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `path.py[:arg]`, apply overrides ('section.key=value'), return a locked ConfigDict."""
+def load_config(spec: str, overrides: Sequence[str] = (),
+                schema: Mapping[str, type] | None = None) -> ml_collections.ConfigDict:
+    """Load `path.py[:arg]`, apply overrides ('section.key=value'), return a locked ConfigDict.
+
+    `schema` maps section names to their dataclasses: a section's fields the file leaves out
+    are filled with their defaults first, so every real key can be overridden (and typos
+    still cannot)."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -50,10 +55,26 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(config)
+    for name, cls in (schema or {}).items():
+        fill_defaults(config, name, cls)
     for item in overrides:
         apply_override(config, item)
     config.lock()
     return config
+
+
+def fill_defaults(config: ml_collections.ConfigDict, name: str, cls: type) -> None:
+    """Add dataclass `cls`'s defaults for the fields section `name` of `config` does not set."""
+    if name not in config:
+        config[name] = ml_collections.ConfigDict()
+    values = config[name]
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            continue
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from ediffi_jax.config import split_overrides
+from ediffi_jax.parallel.host import configure_cpu_host
 
 
 def main(argv=None) -> int:
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
     args = p.parse_args(rest)
+    configure_cpu_host()
 
     import numpy as np
     from PIL import Image

@@ -2,6 +2,7 @@
 (a different seed from training), the checker reads colour, shape, count, size and position.
 
     python -m sample.evaluate --ensemble runs/tiny/ensemble.json [--num 256] [--seed 0]
+        [--out samples.png] [--config.sampling.num_steps=32 ...]
 """
 from __future__ import annotations
 
@@ -30,15 +31,32 @@ def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sample.evaluate", description=__doc__)
+    from ediffi_jax.config import split_overrides
+    from ediffi_jax.parallel.host import configure_cpu_host
+
+    overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    p = argparse.ArgumentParser(prog="python -m sample.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ensemble", required=True)
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    from sample.generate import load_ensemble
+    p.add_argument("--out", help="also write the graded samples as one PNG grid")
+    args = p.parse_args(rest)
+    configure_cpu_host()
+    from ediffi_jax.config import ConfigError
+    from sample.generate import grid, load_ensemble, sampling_with_overrides
 
-    run, ensemble = load_ensemble(args.ensemble)
-    rates, _, _ = evaluate_shapes(run, ensemble, args.num, args.seed)
+    try:
+        run, ensemble = load_ensemble(args.ensemble)
+        sampling = sampling_with_overrides(run, [o.replace("--config.", "", 1) for o in overrides])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rates, images, _ = evaluate_shapes(run, ensemble, args.num, args.seed, sampling)
+    if args.out:
+        from PIL import Image
+
+        Image.fromarray(grid(images, columns=16)).save(args.out)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rates.items()}))
     return 0
 

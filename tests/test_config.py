@@ -94,3 +94,19 @@ def test_info_command_reports_params_and_flops(capsys):
     assert f"params per expert {n:,}" in out
     flops = float(re.search(r"forward FLOPs\s+([0-9.e+]+)", out).group(1))
     assert math.isfinite(flops) and flops > 2 * n  # at least one multiply-add per weight
+
+
+def test_every_section_field_can_be_overridden_even_if_the_file_omits_it():
+    from train.trainer import parse_run, run_schema
+
+    with pytest.raises(ConfigError, match="lr_decay"):  # without the schema: only the file's keys
+        load_config("configs/tiny.py", ["--config.train.lr_decay=cosine"])
+    cfg = load_config("configs/tiny.py", ["--config.train.lr_decay=cosine",
+                                          "--config.train.weight_decay=0.1"], run_schema())
+    run = parse_run(cfg)
+    assert run.train.lr_decay == "cosine" and run.train.weight_decay == 0.1
+    assert run.train.steps == 1000  # the file's own values are kept
+    with pytest.raises(ConfigError, match="did you mean 'lr_decay'"):
+        load_config("configs/tiny.py", ["--config.train.lr_deacy=cosine"], run_schema())
+    base = load_config("configs/base64.py:D", ["--config.train.batch_size=2048"], run_schema())
+    assert parse_run(base).train.batch_size == 2048  # a model-only config gains train defaults

@@ -128,3 +128,16 @@ def test_train_config_validation():
         TrainConfig(drop_t5=1.5)
     with pytest.raises(ValueError, match="sigma_quantiles"):
         TrainConfig(sigma_quantiles=("1/2", "1/4"))
+
+
+def test_learning_rate_schedules():
+    from train.step import learning_rate
+
+    const = learning_rate(TrainConfig(lr=1e-3, warmup_steps=10, steps=100))
+    assert float(const(5)) == pytest.approx(5e-4) and float(const(99)) == pytest.approx(1e-3)
+    cos = learning_rate(TrainConfig(lr=1e-3, warmup_steps=10, steps=100, lr_decay="cosine"))
+    assert float(cos(5)) == pytest.approx(5e-4) and float(cos(10)) == pytest.approx(1e-3)
+    assert float(cos(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way through the decay
+    assert float(cos(100)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear")

@@ -5,17 +5,7 @@ import argparse
 import sys
 
 from ediffi_jax.config import split_overrides
-
-
-def use_all_cpu_cores() -> None:
-    """On a CPU-only host, one XLA device per core (data-parallel) trains ~1.5x faster than
-    one device, which leaves a core idle in the backward pass. Set before jax initialises;
-    accelerators are unaffected."""
-    import os
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:  # only affects the host platform
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count()}".strip()
+from ediffi_jax.parallel.host import configure_cpu_host
 
 
 def main(argv=None) -> int:
@@ -26,12 +16,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
     args = parser.parse_args(rest)
 
-    use_all_cpu_cores()
+    configure_cpu_host()
     from ediffi_jax.config import ConfigError, load_config
-    from train.trainer import train
+    from train.trainer import run_schema, train
 
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, run_schema())
         train(config, args.workdir)
     except (ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

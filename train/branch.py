@@ -30,7 +30,7 @@ def child_interval(node: str | None, complement_of: list[str] | None):
 
 
 def main(argv=None) -> int:
-    from train.__main__ import use_all_cpu_cores
+    from ediffi_jax.parallel.host import configure_cpu_host
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_overrides(argv)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--node", help="L/I: the tree node E^L_I")
     p.add_argument("--complement-of", nargs="+", metavar="L/I")
     args = p.parse_args(rest)
-    use_all_cpu_cores()
+    configure_cpu_host()
 
     from fractions import Fraction
 

@@ -34,6 +34,7 @@ class TrainConfig:
     b2: float = 0.999
     grad_clip: float = 1.0  # global norm; 0 disables
     warmup_steps: int = 0
+    lr_decay: str = "constant"  # after warmup: "constant", or "cosine" to 0 at `steps`
     ema_decay: float = 0.9999
     ema_half_life_images: float = 0.0  # if > 0, overrides ema_decay (EDM's parameterisation)
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): useful on short runs
@@ -60,6 +61,8 @@ class TrainConfig:
         for name in ("drop_t5", "drop_clip_text", "drop_clip_image"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError("batch_size must be >= 1 and steps >= 0")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -83,7 +86,11 @@ class TrainState:
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup to cfg.lr, then constant (the optimizer's schedule, also what is logged)."""
+    """Linear warmup to cfg.lr, then constant or cosine-decayed to 0 at cfg.steps (the
+    optimizer's schedule, also what is logged). Decay anneals short runs, such as the demo."""
+    if cfg.lr_decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), 0.0)
     return (optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
             else optax.constant_schedule(cfg.lr))
 

@@ -67,6 +67,15 @@ class RunSpec:
     data: DataConfig
 
 
+def run_schema() -> dict[str, type]:
+    """The dataclass of each config section a training run reads (see config.load_config)."""
+    from ediffi_jax.diffusion.plan import SamplingConfig
+    from ediffi_jax.models.unet import UNetConfig
+
+    return {"model": UNetConfig, "sampling": SamplingConfig, "train": TrainConfig,
+            "mesh": MeshConfig, "data": DataConfig}
+
+
 def parse_run(config) -> RunSpec:
     stage = parse_config(config)
     return RunSpec(
