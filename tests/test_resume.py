@@ -108,3 +108,42 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys
     assert ckpt.steps() == [1] and os.listdir(tmp_path / "checkpoints" / "unreadable")
     ckpt.save(2, {"w": jnp.full((4, 4), 5.0), "step": jnp.int32(2)})  # the step can be redone
     ckpt.close()
+
+
+def test_restore_onto_a_different_mesh_and_device_count(tmp_path):
+    """A state saved sharded over 8 devices (fsdp 4) restores onto 2 devices (fsdp 2) and onto
+    1 device, with the same values and the target layouts' shardings."""
+    import jax
+    import flax.linen as nn
+
+    from ediffi_jax.models.unet import boxed_init
+    from ediffi_jax.parallel.mesh import logical_shardings, make_mesh
+    from tests.tiny import tiny_params, tiny_unet_config
+    from train.checkpoint import Checkpointer, abstract_like
+    from train.step import TrainConfig, init_state, make_optimizer, state_shardings
+
+    model = tiny_unet_config()
+    optimizer = make_optimizer(TrainConfig())
+    boxed = jax.eval_shape(lambda: boxed_init(model, jax.random.key(0)))
+    abstract_params = nn.meta.unbox(boxed)
+
+    def layout(mesh):
+        return state_shardings(optimizer, abstract_params, logical_shardings(boxed, mesh), mesh)
+
+    saved_sh = layout(make_mesh((2, 4, 1)))
+    state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=saved_sh)(tiny_params(model))
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))  # nonzero moments
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(saved_sh.params))
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
+    ckpt.save(7, state)
+    ckpt.close()
+
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+    for devices, shape in [(jax.devices()[:2], (1, 2, 1)), (jax.devices()[5:6], (1, 1, 1))]:
+        target_sh = layout(make_mesh(shape, devices))
+        restored, step = Checkpointer(str(tmp_path / "ckpt")).restore(abstract_like(abstract, target_sh))
+        assert step == 7
+        for got, want, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                                 jax.tree.leaves(target_sh)):
+            assert got.sharding == sh and set(got.sharding.device_set) <= set(devices)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
