@@ -141,3 +141,14 @@ def test_learning_rate_schedules():
     assert float(cos(100)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="lr_decay"):
         TrainConfig(lr_decay="linear")
+
+
+def test_ema_warmup_applies_from_scratch_but_not_to_a_branched_child():
+    from train.step import ema_decay
+
+    step0 = jnp.zeros((), jnp.int32)
+    assert float(ema_decay(TrainConfig(ema_decay=0.999), step0)) == pytest.approx(0.1)
+    child = TrainConfig(ema_decay=0.999, init_from="runs/parent")
+    assert float(ema_decay(child, step0)) == pytest.approx(0.999)
+    half_life = TrainConfig(batch_size=10, ema_half_life_images=100.0, ema_warmup=False)
+    assert float(ema_decay(half_life, step0)) == pytest.approx(0.5 ** 0.1)

@@ -37,7 +37,9 @@ class TrainConfig:
     lr_decay: str = "constant"  # after warmup: "constant", or "cosine" to 0 at `steps`
     ema_decay: float = 0.9999
     ema_half_life_images: float = 0.0  # if > 0, overrides ema_decay (EDM's parameterisation)
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): useful on short runs
+    # decay min(ema_decay, (1 + step) / (10 + step)) from a random init: useful on short runs.
+    # Never for a branched child: its EMA starts as the parent's and must not be washed out.
+    ema_warmup: bool = True
     grad_accum: int = 1  # microbatches per step
     # Conditioning dropout (each part zeroed independently), eDiff-I's rates.
     drop_t5: float = 0.25
@@ -113,7 +115,7 @@ def init_state(params, optimizer) -> TrainState:
 def ema_decay(cfg: TrainConfig, step):
     decay = (0.5 ** (cfg.batch_size / cfg.ema_half_life_images) if cfg.ema_half_life_images > 0
              else cfg.ema_decay)
-    if cfg.ema_warmup:
+    if cfg.ema_warmup and not cfg.init_from:
         step = step.astype(jnp.float32)
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return decay
