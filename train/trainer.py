@@ -251,14 +251,20 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
         t_window, n_window = time.perf_counter(), 0
 
     step = start
+    batch = batches.next() if step < tcfg.steps else None
     try:
         while step < tcfg.steps:
-            batch = batches.next()
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
             step += 1
             n_window += tcfg.batch_size
             pending.append((step, {k: metrics[k] for k in ("loss", "grad_norm", "finite",
                                                             "per_example_loss", "sigma")}))
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                flush_metrics(step)  # saved with the iterator before it reads the next batch
+                ckpt.save(step, state, iterator, config_json)
+                log(f"checkpoint {step} saving (blocked {ckpt.last_blocking_seconds:.3f} s)")
+            if step < tcfg.steps:
+                batch = batches.next()  # host input work overlaps the step in flight
             run_length = int(state.nonfinite_run)  # one scalar: cheap, and must not lag
             if run_length >= tcfg.max_nonfinite:
                 flush_metrics(step)
@@ -269,10 +275,6 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
                     "train.lr, enable train.grad_clip, or check the data.")
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 flush_metrics(step)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                flush_metrics(step)
-                ckpt.save(step, state, iterator, config_json)
-                log(f"checkpoint {step} saving (blocked {ckpt.last_blocking_seconds:.3f} s)")
     finally:
         ckpt.close()
         writer.close()
