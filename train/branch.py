@@ -45,12 +45,23 @@ def main(argv=None) -> int:
 
     from fractions import Fraction
 
-    from ediffi_jax.config import ConfigError, apply_override
+    import ml_collections
+
+    from ediffi_jax.config import ConfigError, apply_override, fill_defaults, section
+    from ediffi_jax.parallel.distributed import DistributedConfig, initialize
     from sample.generate import run_config
     from train.trainer import parse_run, train
 
     try:
         child = child_interval(args.node, args.complement_of)
+        # This launch's `distributed` section (never the parent's: it belongs to the parent's
+        # launch), applied before reading the parent's checkpoint starts a jax backend.
+        launch = ml_collections.ConfigDict()
+        fill_defaults(launch, "distributed", DistributedConfig)
+        for item in overrides:
+            if item.startswith("--config.distributed."):
+                apply_override(launch, item)
+        initialize(section(DistributedConfig, launch.distributed, "distributed"))
         config = run_config(args.parent)
         parent_lo, parent_hi = (Fraction(q) for q in parse_run(config).train.sigma_quantiles)
         if not (parent_lo <= child.q_lo and child.q_hi <= parent_hi):
@@ -58,6 +69,7 @@ def main(argv=None) -> int:
                 f"{child.name} owns quantiles ({child.q_lo}, {child.q_hi}], outside the parent's "
                 f"({parent_lo}, {parent_hi}]: branch from an ancestor whose interval contains it")
         config.unlock()
+        config.distributed = launch.distributed
         config.train.init_from = args.parent
         config.train.sigma_quantiles = (str(child.q_lo), str(child.q_hi))
         config.name = f"{config.get('name', 'stage')}-{child.name}"

@@ -71,9 +71,10 @@ def run_schema() -> dict[str, type]:
     """The dataclass of each config section a training run reads (see config.load_config)."""
     from ediffi_jax.diffusion.plan import SamplingConfig
     from ediffi_jax.models.unet import UNetConfig
+    from ediffi_jax.parallel.distributed import DistributedConfig
 
     return {"model": UNetConfig, "sampling": SamplingConfig, "train": TrainConfig,
-            "mesh": MeshConfig, "data": DataConfig}
+            "mesh": MeshConfig, "data": DataConfig, "distributed": DistributedConfig}
 
 
 def parse_run(config) -> RunSpec:
@@ -147,13 +148,16 @@ def load_params(workdir: str, shardings=None, step: int | None = None):
     metadata = checkpointer.metadata(path)
     metadata = getattr(metadata, "item_metadata", metadata)
     # An explicit target for every leaf: orbax refuses target-less restores across topologies.
-    here = SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
+    here = SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host too)
+    target = dict(jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata).items())
+    if shardings is not None:  # params and EMA straight onto their (possibly multi-host) shardings
+        for key in ("params", "ema_params"):
+            target[key] = jax.tree.map(
+                lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                target[key], shardings)
     restored = checkpointer.restore(path, target)
-    params, ema = restored["params"], restored["ema_params"]
-    if shardings is not None:
-        params, ema = jax.device_put(params, shardings), jax.device_put(ema, shardings)
-    return params, ema, step
+    return restored["params"], restored["ema_params"], step
 
 
 def _bucket_losses(losses: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
@@ -178,6 +182,10 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     """Train (or resume) the run described by `config` in `workdir`. Returns the final state."""
     run = parse_run(config)
     tcfg, model = run.train, run.stage.model
+    # Multi-host: join the job before anything touches a jax backend (mesh, pipeline, orbax).
+    from ediffi_jax.parallel.distributed import DistributedConfig, initialize
+
+    initialize(section(DistributedConfig, config.get("distributed"), "distributed"), log=log)
     mesh = make_mesh(run.mesh.shape)
     check_layout(run, mesh)
     source = build_source(run.data, model.resolution)
@@ -215,10 +223,14 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
 
     step_fn = jax.jit(
         functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0,
+        in_shardings=(state_sh, None), donate_argnums=0,
+        # Metrics replicated: every process can fetch them (multi-host: no process sees the
+        # whole batch-sharded per-example losses otherwise).
+        out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
     )
     batches = _Batches(iterator, WordEncoder.for_model(model), mesh)
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     config_json = json.loads(config.to_json_best_effort())
     pending: list[tuple[int, dict]] = []
@@ -230,7 +242,7 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
             return
         fetched = jax.device_get(pending)
         rate = n_window / max(time.perf_counter() - t_window, 1e-9)
-        with open(metrics_path, "a") as f:
+        with open(metrics_path, "a") if primary else open(os.devnull, "w") as f:
             for s, m in fetched:
                 f.write(json.dumps({"step": s, "loss": float(m["loss"]),
                                     "grad_norm": float(m["grad_norm"]),
@@ -242,8 +254,9 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
                    "images_per_second": rate,
                    "learning_rate": float(learning_rate(tcfg)(step - 1))}  # of the last step
         scalars.update(_bucket_losses(losses[finite], sigmas[finite]))
-        writer.scalars(scalars, step)
-        writer.flush()
+        if writer is not None:
+            writer.scalars(scalars, step)
+            writer.flush()
         eta = (tcfg.steps - step) * tcfg.batch_size / max(rate, 1e-9)
         log(f"step {step}/{tcfg.steps}  loss {scalars['loss']:.4f}  {rate:.1f} img/s  "
             f"ETA {_fmt_seconds(eta)}")
@@ -277,6 +290,7 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
                 flush_metrics(step)
     finally:
         ckpt.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     log(f"done: {step} steps in {_fmt_seconds(time.perf_counter() - t_start)}")
     return state
