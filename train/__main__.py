@@ -1,4 +1,8 @@
-"""python -m train --config configs/X.py[:ARG] --workdir DIR [--config.section.key=value ...]"""
+"""python -m train --config configs/X.py[:ARG] --workdir DIR [--config.section.key=value ...]
+
+    python -m train --config configs/X.py[:ARG] --dry_run [--devices N] [--device_memory_gib G]
+compiles the train step for a mesh of N devices without allocating and prints parameters,
+per-device memory and FLOPs per step (train/dry_run.py); exit status 0 if it fits, 3 if not."""
 from __future__ import annotations
 
 import argparse
@@ -11,17 +15,37 @@ from ediffi_jax.parallel.host import configure_cpu_host
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
+    parser.add_argument("--workdir", help="checkpoints, logs; resumes if present "
+                        "(required unless --dry_run)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="plan only: compile for --devices devices, report memory and FLOPs")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="dry run: devices of the mesh (default: the real device count; a "
+                        "CPU host simulates N)")
+    parser.add_argument("--device_memory_gib", type=float, default=80.0,
+                        help="dry run: memory of one device in GiB (default 80, an H100)")
     args = parser.parse_args(rest)
+    if not args.dry_run and not args.workdir:
+        parser.error("--workdir is required (except with --dry_run)")
 
-    configure_cpu_host()
+    if args.dry_run:
+        from train.dry_run import prepare_host
+
+        prepare_host(args.devices)  # before any jax backend starts
+    else:
+        configure_cpu_host()
     from ediffi_jax.config import ConfigError, load_config
     from train.trainer import run_schema, train
 
     try:
         config = load_config(args.config, overrides, run_schema())
+        if args.dry_run:
+            from train.dry_run import dry_run
+
+            return dry_run(config, devices=args.devices, device_memory_gib=args.device_memory_gib)
         train(config, args.workdir)
     except (ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
