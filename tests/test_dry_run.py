@@ -114,3 +114,12 @@ def test_cli_simulates_devices_and_exits_3_when_it_does_not_fit():
     assert out.returncode == 3, out.stderr
     assert "data 4 x fsdp 1 x tensor 1 (4 cpu devices)" in out.stdout
     assert "does not fit" in out.stdout.splitlines()[-1]
+
+
+def test_gradient_accumulation_cuts_activation_memory_on_a_sharded_batch():
+    """Strided microbatches keep all 8 devices busy, so each holds 1/4 of its activations."""
+    one = plan_run(small_config("mesh.shape=(8,1,1)", "train.batch_size=32"), devices=8)
+    four = plan_run(small_config("mesh.shape=(8,1,1)", "train.batch_size=32",
+                                 "train.grad_accum=4"), devices=8)
+    assert four.per_device_batch == one.per_device_batch // 4
+    assert four.temp_bytes < 0.5 * one.temp_bytes

@@ -157,13 +157,18 @@ def _all_finite(tree) -> jax.Array:
 
 def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
     """Mean loss and gradients over cfg.grad_accum microbatches (a scan: one microbatch of
-    activations alive at a time). Returns (loss, per_example_loss, sigma, grads)."""
+    activations alive at a time). Returns (loss, per_example_loss, sigma, grads).
+
+    Microbatch m takes examples m, m + A, m + 2A, ... (A = grad_accum): the batch is sharded in
+    contiguous blocks, so strided microbatches keep every device busy with 1/A of its block,
+    where contiguous slices would put each microbatch on 1/A of the devices and save no memory."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.grad_accum == 1:
         (loss, (per_example, sigma)), grads = grad_fn(params, unet, cfg, batch, dropout_key)
         return loss, per_example, sigma, grads
+    a = cfg.grad_accum
     micro = jax.tree.map(
-        lambda x: x.reshape((cfg.grad_accum, x.shape[0] // cfg.grad_accum) + x.shape[1:]), batch)
+        lambda x: x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1), batch)
 
     def body(acc, inputs):
         i, mb = inputs
@@ -173,8 +178,9 @@ def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (losses, (per_example, sigma)) = jax.lax.scan(
         body, zeros, (jnp.arange(cfg.grad_accum), micro))
-    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
-    return jnp.mean(losses), per_example.reshape(-1), sigma.reshape(-1), grads
+    grads = jax.tree.map(lambda g: g / a, grads)
+    in_batch_order = lambda x: x.swapaxes(0, 1).reshape(-1)  # noqa: E731  [A, B/A] -> [B]
+    return jnp.mean(losses), in_batch_order(per_example), in_batch_order(sigma), grads
 
 
 def train_step(state: TrainState, batch, *, unet: UNet, cfg: TrainConfig,
