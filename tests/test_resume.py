@@ -110,6 +110,23 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys
     ckpt.close()
 
 
+def test_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch):
+    """`--workdir runs/x` is relative; orbax's array writer insists on absolute paths and fails
+    only in its background thread, so the Checkpointer must resolve the directory itself."""
+    import jax.numpy as jnp
+
+    from train.checkpoint import Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer(os.path.join("runs", "x", "checkpoints"), keep=2)
+    ckpt.save(3, {"w": jnp.full((4, 4), 3.0)})
+    ckpt.wait()
+    state, step = ckpt.restore({"w": jnp.zeros((4, 4))})
+    ckpt.close()
+    assert step == 3 and float(state["w"][1, 1]) == 3.0
+    assert os.path.isdir(tmp_path / "runs" / "x" / "checkpoints" / "3")
+
+
 def test_restore_onto_a_different_mesh_and_device_count(tmp_path):
     """A state saved sharded over 8 devices (fsdp 4) restores onto 2 devices (fsdp 2) and onto
     1 device, with the same values and the target layouts' shardings."""

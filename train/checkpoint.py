@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = directory
+        # Absolute: orbax's array writer rejects relative paths, and only in its background thread.
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            directory,
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
         )
