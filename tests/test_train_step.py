@@ -29,7 +29,8 @@ def make_batch(n=8, offset=0):
 
 def step_fn(cfg):
     opt = make_optimizer(cfg)
-    return opt, jax.jit(functools.partial(train_step, unet=UNET, cfg=cfg, optimizer=opt))
+    jitted = jax.jit(functools.partial(train_step, unet=UNET, cfg=cfg, optimizer=opt))
+    return opt, lambda state, batch: jitted(state, batch, cfg.sigma_interval())
 
 
 def test_sharded_step_equals_single_device():
@@ -47,11 +48,12 @@ def test_sharded_step_equals_single_device():
     psh = logical_shardings(abstract, mesh)
     ssh = state_shardings(opt, jax.eval_shape(lambda: params), jax.tree.map(lambda s: s, psh), mesh)
     sharded_step = jax.jit(functools.partial(train_step, unet=UNET, cfg=cfg, optimizer=opt),
-                           in_shardings=(ssh, None), out_shardings=(ssh, None), donate_argnums=0)
+                           in_shardings=(ssh, None, None), out_shardings=(ssh, None),
+                           donate_argnums=0)
     st = jax.device_put(init_state(params, opt), ssh)
     for b in batches:
         b = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim)), b)
-        st, m_sharded = sharded_step(st, b)
+        st, m_sharded = sharded_step(st, b, cfg.sigma_interval())
     assert not st.params["down0_res0"]["conv1"]["kernel"].sharding.is_fully_replicated
     np.testing.assert_allclose(m_sharded["loss"], m_single["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
@@ -68,7 +70,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     for accum in (1, 4):
         cfg = TrainConfig(batch_size=8, grad_accum=accum)
         fn = jax.jit(functools.partial(compute_grads, unet=UNET, cfg=cfg))
-        out[accum] = fn(params, batch, jax.random.key(0))
+        out[accum] = fn(params, batch, jax.random.key(0), cfg.sigma_interval())
     np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-6)  # loss
     np.testing.assert_allclose(out[4][1], out[1][1], rtol=1e-5)  # per-example losses
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
@@ -77,8 +79,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_example_randomness_depends_only_on_the_index():
     cfg = TrainConfig()
-    a = example_randomness(cfg, 17, (4, 4, 3))
-    b = jax.vmap(lambda i: example_randomness(cfg, i, (4, 4, 3)))(jnp.arange(10, 20))
+    a = example_randomness(cfg, 17, (4, 4, 3), cfg.sigma_interval())
+    b = jax.vmap(lambda i: example_randomness(cfg, i, (4, 4, 3), cfg.sigma_interval()))(jnp.arange(10, 20))
     np.testing.assert_array_equal(a[1], b[1][7])
     assert float(a[0]) == float(b[0][7])
 
@@ -86,7 +88,7 @@ def test_example_randomness_depends_only_on_the_index():
 def test_dropout_rates_match_targets():
     cfg = TrainConfig(drop_t5=0.25, drop_clip_text=0.2, drop_clip_image=0.9)
     n = 20000
-    _, _, keep = jax.vmap(lambda i: example_randomness(cfg, i, (1,)))(jnp.arange(n))
+    _, _, keep = jax.vmap(lambda i: example_randomness(cfg, i, (1,), cfg.sigma_interval()))(jnp.arange(n))
     dropped = 1 - np.asarray(keep, np.float64).mean(axis=0)
     se = np.sqrt(np.array([0.25 * 0.75, 0.2 * 0.8, 0.9 * 0.1]) / n)
     np.testing.assert_array_less(np.abs(dropped - [0.25, 0.2, 0.9]), 4 * se)
@@ -99,12 +101,26 @@ def test_dropout_rates_match_targets():
 def test_sigma_samples_stay_in_the_expert_interval():
     expert = CONFIG_LAYOUTS["D"][0]  # E^3_0
     cfg = TrainConfig(sigma_quantiles=(str(expert.q_lo), str(expert.q_hi)))
-    sigma, _, _ = jax.vmap(lambda i: example_randomness(cfg, i, (1,)))(jnp.arange(5000))
+    sigma, _, _ = jax.vmap(lambda i: example_randomness(cfg, i, (1,), cfg.sigma_interval()))(jnp.arange(5000))
     hi = expert.sigma_bounds()[1]
     assert float(sigma.max()) <= hi * (1 + 1e-5) and float(sigma.min()) > 0
     q = LogNormalSigma().quantile_of_sigma(sigma)
     # Uniform over the interval's mass.
     assert abs(float(jnp.mean(q)) - 1 / 16) < 0.005
+
+
+def test_sibling_experts_compile_to_one_program():
+    """Only the interval differs between the experts of a tree: it is an argument, so their
+    train steps lower to the same program and a persistent compilation cache serves all."""
+    params = tiny_params(MODEL)
+    texts = []
+    for expert in CONFIG_LAYOUTS["D"]:
+        cfg = TrainConfig(batch_size=8, sigma_quantiles=(str(expert.q_lo), str(expert.q_hi)))
+        opt = make_optimizer(cfg)
+        step = jax.jit(functools.partial(train_step, unet=UNET, cfg=cfg, optimizer=opt))
+        texts.append(step.lower(init_state(params, opt), make_batch(),
+                                cfg.sigma_interval()).as_text())
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_non_finite_steps_are_skipped_and_counted():

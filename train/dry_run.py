@@ -205,10 +205,11 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
 
     step = jax.jit(
         functools.partial(train_step, unet=UNet(model), cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, batch_sh), donate_argnums=0,
+        in_shardings=(state_sh, batch_sh, NamedSharding(mesh, P())), donate_argnums=0,
         out_shardings=(state_sh, NamedSharding(mesh, P())),  # as the trainer: metrics replicated
     )
-    compiled = step.lower(state, batch).compile()
+    interval = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh, P()))
+    compiled = step.lower(state, batch, interval).compile()
 
     mem = compiled.memory_analysis()
     params_bytes = _per_device_bytes(state.params)

@@ -72,9 +72,11 @@ class TrainConfig:
                 f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size}"
             )
 
-    @property
-    def quantile_bounds(self) -> tuple[float, float]:
-        return tuple(float(Fraction(v)) for v in self.sigma_quantiles)
+    def sigma_interval(self) -> jax.Array:
+        """The expert's quantile bounds as the train step's `interval` argument: data, not a
+        compile-time constant, so sibling experts compile to one program (shared through JAX's
+        persistent compilation cache when JAX_COMPILATION_CACHE_DIR is set)."""
+        return jnp.asarray([float(Fraction(v)) for v in self.sigma_quantiles], jnp.float32)
 
 
 @flax.struct.dataclass
@@ -121,27 +123,27 @@ def ema_decay(cfg: TrainConfig, step):
     return decay
 
 
-def example_randomness(cfg: TrainConfig, index, image_shape):
-    """sigma, noise and per-part keep flags of one example, from its global index."""
+def example_randomness(cfg: TrainConfig, index, image_shape, interval):
+    """sigma (within the quantile `interval`), noise and per-part keep flags of one example,
+    from its global index."""
     key = jax.random.fold_in(jax.random.key(cfg.seed), index)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
-    q_lo, q_hi = cfg.quantile_bounds
-    sigma = edm.LogNormalSigma().sample(k_sigma, (), q_lo, q_hi)
+    sigma = edm.LogNormalSigma().sample(k_sigma, (), interval[0], interval[1])
     noise = jax.random.normal(k_noise, image_shape, jnp.float32)
     u = jax.random.uniform(k_drop, (3,))
     keep = u >= jnp.array([cfg.drop_t5, cfg.drop_clip_text, cfg.drop_clip_image])
     return sigma, noise, keep
 
 
-def loss_fn(params, unet: UNet, cfg: TrainConfig, batch, dropout_key):
+def loss_fn(params, unet: UNet, cfg: TrainConfig, batch, dropout_key, interval):
     """Mean EDM loss of a (micro)batch and per-example (loss, sigma) for logging.
 
     batch: {"image": [B,H,W,C] in [-1, 1], "index": [B] global example indices,
             "cond": Conditioning}.
     """
     images = batch["image"].astype(jnp.float32)
-    sigma, noise, keep = jax.vmap(lambda i: example_randomness(cfg, i, images.shape[1:]))(
-        batch["index"])
+    sigma, noise, keep = jax.vmap(
+        lambda i: example_randomness(cfg, i, images.shape[1:], interval))(batch["index"])
     cond: Conditioning = batch["cond"].keep(t5=keep[:, 0], clip_text=keep[:, 1],
                                            clip_image=keep[:, 2])
     network = lambda x_in, c_noise, cond: unet.apply(  # noqa: E731
@@ -155,7 +157,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
+def compute_grads(params, batch, dropout_key, interval, *, unet: UNet, cfg: TrainConfig):
     """Mean loss and gradients over cfg.grad_accum microbatches (a scan: one microbatch of
     activations alive at a time). Returns (loss, per_example_loss, sigma, grads).
 
@@ -164,7 +166,8 @@ def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
     where contiguous slices would put each microbatch on 1/A of the devices and save no memory."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.grad_accum == 1:
-        (loss, (per_example, sigma)), grads = grad_fn(params, unet, cfg, batch, dropout_key)
+        (loss, (per_example, sigma)), grads = grad_fn(params, unet, cfg, batch, dropout_key,
+                                                      interval)
         return loss, per_example, sigma, grads
     a = cfg.grad_accum
     micro = jax.tree.map(
@@ -172,7 +175,8 @@ def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
 
     def body(acc, inputs):
         i, mb = inputs
-        (l, aux), g = grad_fn(params, unet, cfg, mb, jax.random.fold_in(dropout_key, i))
+        key = jax.random.fold_in(dropout_key, i)
+        (l, aux), g = grad_fn(params, unet, cfg, mb, key, interval)
         return jax.tree.map(jnp.add, acc, g), (l, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -183,12 +187,12 @@ def compute_grads(params, batch, dropout_key, *, unet: UNet, cfg: TrainConfig):
     return jnp.mean(losses), in_batch_order(per_example), in_batch_order(sigma), grads
 
 
-def train_step(state: TrainState, batch, *, unet: UNet, cfg: TrainConfig,
+def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConfig,
                optimizer: optax.GradientTransformation):
-    """One optimizer step; an update with a non-finite loss or gradient is skipped and counted.
-    Returns (state, metrics)."""
+    """One optimizer step on sigmas from `interval` (cfg.sigma_interval()); an update with a
+    non-finite loss or gradient is skipped and counted. Returns (state, metrics)."""
     dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
-    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key,
+    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key, interval,
                                                     unet=unet, cfg=cfg)
     finite = jnp.isfinite(loss) & _all_finite(grads)
 

@@ -221,13 +221,15 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     else:
         log(f"resumed {run.stage.name} from step {start} in {workdir}")
 
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, None), donate_argnums=0,
+        in_shardings=(state_sh, None, replicated), donate_argnums=0,
         # Metrics replicated: every process can fetch them (multi-host: no process sees the
         # whole batch-sharded per-example losses otherwise).
-        out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+        out_shardings=(state_sh, replicated),
     )
+    interval = jax.device_put(tcfg.sigma_interval(), replicated)
     batches = _Batches(iterator, WordEncoder.for_model(model), mesh)
     primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
@@ -267,7 +269,8 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     batch = batches.next() if step < tcfg.steps else None
     try:
         while step < tcfg.steps:
-            state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
+            # Dispatched: runs while the host goes on.
+            state, metrics = step_fn(state, batch, interval)
             step += 1
             n_window += tcfg.batch_size
             pending.append((step, {k: metrics[k] for k in ("loss", "grad_norm", "finite",

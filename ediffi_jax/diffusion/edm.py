@@ -37,12 +37,12 @@ class LogNormalSigma:
 
     def sample(self, key, shape, q_lo=0.0, q_hi=1.0):
         """Sigmas from the distribution truncated to the mass interval [q_lo, q_hi] (inverse CDF,
-        so an expert's samples never leave its interval)."""
+        so an expert's samples never leave its interval); the bounds may be traced."""
         u = jax.random.uniform(key, shape, jnp.float32)
         q = q_lo + (q_hi - q_lo) * u
         # Keep strictly inside (0, 1): ndtri(0) = -inf, ndtri(1) = inf.
         eps = 1e-7
-        q = jnp.clip(q, max(q_lo, eps), min(q_hi, 1.0 - eps))
+        q = jnp.clip(q, jnp.maximum(q_lo, eps), jnp.minimum(q_hi, 1.0 - eps))
         return self.sigma_at_quantile(q)
 
 
