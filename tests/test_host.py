@@ -8,10 +8,7 @@ def test_configure_cpu_host_adds_missing_flags_only(monkeypatch):
     import os
 
     flags = os.environ["XLA_FLAGS"].split()
-    assert flags == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=3",
-                     "--xla_cpu_use_thunk_runtime=false"]
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=5 "
-                                    "--xla_cpu_use_thunk_runtime=true")
+    assert flags == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=3"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=5")
     configure_cpu_host(devices=3)
-    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=5 "
-                                       "--xla_cpu_use_thunk_runtime=true")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=5"
