@@ -19,14 +19,25 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
-# The main job on the built-in default: train the tiny model on `shapes`, sample, grade.
+# The main job on the built-in default: train the tiny shared model on `shapes`, grow its three
+# Config-D experts from it (each a short fine-tune on its own noise interval), assemble the
+# ensemble, sample a grid with the experts switching per noise interval, grade 256 samples.
 DEMO ?= runs/tiny
+# JAX's persistent compilation cache: the three experts differ only in their noise interval, a
+# train-step argument, so the second and third reuse the first one's compiled step.
+demo: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(DEMO))/jax_cache
+EXPERT_TRAIN ?= --config.train.steps=50 --config.train.warmup_steps=10 --config.train.lr=0.0003
 demo: venv
 	$(PY) -m train --config configs/tiny.py --workdir $(DEMO)/shared
-	$(PY) -m sample --ensemble $(DEMO)/shared --num 8 --out $(DEMO)/samples \
+	$(PY) -m train.branch --parent $(DEMO)/shared --node 9/511 --workdir $(DEMO)/E9_511 $(EXPERT_TRAIN)
+	$(PY) -m train.branch --parent $(DEMO)/shared --node 3/0 --workdir $(DEMO)/E3_0 $(EXPERT_TRAIN)
+	$(PY) -m train.branch --parent $(DEMO)/shared --complement-of 3/0 9/511 --workdir $(DEMO)/MC \
+		$(EXPERT_TRAIN)
+	$(PY) -m train.ensemble --out $(DEMO)/ensemble.json $(DEMO)/E3_0 $(DEMO)/MC $(DEMO)/E9_511
+	$(PY) -m sample --ensemble $(DEMO)/ensemble.json --num 8 --out $(DEMO)/samples \
 		--prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
 		--prompt "a yellow circle" --prompt "a magenta square" --prompt "a cyan triangle"
-	$(PY) -m sample.evaluate --ensemble $(DEMO)/shared --num 64
+	$(PY) -m sample.evaluate --ensemble $(DEMO)/ensemble.json --num 256 --out $(DEMO)/graded.png
 
 clean:
 	rm -rf $(VENV)

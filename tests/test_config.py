@@ -99,14 +99,17 @@ def test_info_command_reports_params_and_flops(capsys):
 def test_every_section_field_can_be_overridden_even_if_the_file_omits_it():
     from train.trainer import parse_run, run_schema
 
-    with pytest.raises(ConfigError, match="lr_decay"):  # without the schema: only the file's keys
-        load_config("configs/tiny.py", ["--config.train.lr_decay=cosine"])
-    cfg = load_config("configs/tiny.py", ["--config.train.lr_decay=cosine",
+    from configs.tiny import get_config
+
+    assert "drop_t5" not in get_config().train  # the file leaves it at its default
+    with pytest.raises(ConfigError, match="drop_t5"):  # without the schema: only the file's keys
+        load_config("configs/tiny.py", ["--config.train.drop_t5=0.5"])
+    cfg = load_config("configs/tiny.py", ["--config.train.drop_t5=0.5",
                                           "--config.train.weight_decay=0.1"], run_schema())
     run = parse_run(cfg)
-    assert run.train.lr_decay == "cosine" and run.train.weight_decay == 0.1
-    assert run.train.steps == 1000  # the file's own values are kept
-    with pytest.raises(ConfigError, match="did you mean 'lr_decay'"):
-        load_config("configs/tiny.py", ["--config.train.lr_deacy=cosine"], run_schema())
+    assert run.train.drop_t5 == 0.5 and run.train.weight_decay == 0.1
+    assert run.train.steps == get_config().train.steps  # the file's own values are kept
+    with pytest.raises(ConfigError, match="did you mean 'drop_t5'"):
+        load_config("configs/tiny.py", ["--config.train.drop_t6=0.5"], run_schema())
     base = load_config("configs/base64.py:D", ["--config.train.batch_size=2048"], run_schema())
     assert parse_run(base).train.batch_size == 2048  # a model-only config gains train defaults
