@@ -203,12 +203,13 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
         batch)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
 
+    replicated = NamedSharding(mesh, P())
     step = jax.jit(
         functools.partial(train_step, unet=UNet(model), cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, batch_sh, NamedSharding(mesh, P())), donate_argnums=0,
-        out_shardings=(state_sh, NamedSharding(mesh, P())),  # as the trainer: metrics replicated
+        in_shardings=(state_sh, batch_sh, replicated), donate_argnums=0,
+        out_shardings=(state_sh, replicated),  # as the trainer: metrics replicated
     )
-    interval = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh, P()))
+    interval = abstract_like(tcfg.sigma_interval(), replicated)
     compiled = step.lower(state, batch, interval).compile()
 
     mem = compiled.memory_analysis()
