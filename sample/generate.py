@@ -30,7 +30,11 @@ from train.trainer import RunSpec, load_params, parse_run
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (saved in its newest checkpoint)."""
+    """The config a run was trained with (saved in its newest checkpoint, or an export's)."""
+    from train.export import is_export, read_config
+
+    if is_export(workdir):
+        return ml_collections.ConfigDict(read_config(workdir))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     steps = ckpt.steps()
     if not steps:

@@ -86,3 +86,61 @@ def test_ensemble_assembly_and_sampling_cli(runs, tmp_path):
     grid = np.asarray(Image.open(samples / "grid.png"))
     assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)
     assert len([p for p in os.listdir(samples) if p.endswith(".png")]) == 5
+
+
+def test_export_round_trip_and_branch_from_it(runs):
+    from train.export import main as export_main
+
+    out = runs / "exported"
+    assert export_main(["--workdir", str(runs / "shared"), "--out", str(out), "--dtype", "float16"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "params.safetensors"]
+    _, ema, step = load_params(str(runs / "shared"))
+    params, ema2, step2 = load_params(str(out))
+    assert step2 == step == 2
+    for a, b, c in zip(_leaves(ema), _leaves(params), _leaves(ema2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)  # float16
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+    assert run_config(str(out)).model == run_config(str(runs / "shared")).model
+    # A child grows from the export as from a workdir; the export samples as an ensemble of one.
+    assert branch_main(["--parent", str(out), "--node", "1/0", "--workdir", str(runs / "E1_0x"),
+                        "--config.train.steps=1"]) == 0
+    assert tuple(run_config(str(runs / "E1_0x")).train.sigma_quantiles) == ("0", "1/2")
+    _, ensemble = load_ensemble(str(out))
+    assert len(ensemble) == 1
+
+
+def test_damaged_or_mismatched_export_is_a_clear_error(runs, tmp_path, monkeypatch):
+    import shutil
+
+    import safetensors.numpy
+
+    from safetensors.numpy import load_file, save_file
+
+    from train.export import write_export
+
+    out = tmp_path / "exp"
+    write_export(str(runs / "shared"), str(out))
+    flat = load_file(out / "params.safetensors")
+    name = sorted(flat)[0]
+    flat[name] = np.zeros((3, 3), np.float32)
+    save_file(flat, out / "params.safetensors")
+    with pytest.raises(ValueError, match=f"{name} has shape"):
+        load_params(str(out))
+    (out / "params.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="unreadable"):
+        load_params(str(out))
+    # A failed export leaves the previous one in place.
+    shutil.rmtree(out)
+    write_export(str(runs / "shared"), str(out))
+    before = (out / "params.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        write_export(str(runs / "shared"), str(out), dtype="int8")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError):
+        write_export(str(runs / "shared"), str(out))
+    assert (out / "params.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["exp"]  # no temporary directory left behind

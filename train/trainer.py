@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from ediffi_jax.config import ConfigError, section, to_dict
@@ -26,7 +27,7 @@ from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
 from ediffi_jax.diffusion.edm import LogNormalSigma
 from ediffi_jax.encoders.toy import WordEncoder
 from ediffi_jax.models.conditioning import Conditioning
-from ediffi_jax.models.unet import UNet, boxed_init
+from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
 from train.checkpoint import Checkpointer, abstract_like
@@ -134,9 +135,19 @@ class _Batches:
 def load_params(workdir: str, shardings=None, step: int | None = None):
     """(params, ema_params, step) of a run's newest (or given) checkpoint, on this host's devices
     whatever the topology it was saved with: placed with `shardings` when given, else on the
-    first device. Reads only the state item: no optimizer structure needed."""
+    first device. Reads only the state item: no optimizer structure needed. An export
+    (`train.export`) gives its weights as both params and EMA."""
     import orbax.checkpoint as ocp
     from jax.sharding import SingleDeviceSharding
+
+    from train.export import is_export, read_config, read_params
+
+    if is_export(workdir):
+        model = parse_run(ml_collections.ConfigDict(read_config(workdir))).stage.model
+        weights, saved = read_params(workdir, abstract_params(model))
+        place = shardings if shardings is not None else SingleDeviceSharding(jax.local_devices()[0])
+        # Two device copies: params and EMA are separate buffers of a (donated) train state.
+        return jax.device_put(weights, place), jax.device_put(weights, place), saved
 
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
