@@ -50,8 +50,13 @@ class WordEncoder:
             mask[i] = 1.0
         return tokens, mask
 
-    def encode(self, captions: Sequence[str]) -> Conditioning:
+    def encode(self, captions: Sequence[str], images=None) -> Conditioning:
         """Captions -> Conditioning (numpy arrays; the CLIP image embedding is zeros)."""
+        if images is not None:
+            from ediffi_jax.config import ConfigError
+
+            raise ConfigError("style images need a CLIP vision tower: the built-in word "
+                              "embeddings have none (set encoders.clip_vision)")
         t5, t5m, clip, clipm, pooled = [], [], [], [], []
         for caption in captions:
             words = _WORD.findall(caption.lower())

@@ -139,31 +139,35 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def attention(q, k, v, *, key_mask=None, bias=None, implementation: str = "xla"):
-    """softmax((Q K^T + bias) / sqrt(d)) V over heads.
+def attention(q, k, v, *, key_mask=None, mask=None, bias=None, scale: float | None = None,
+              implementation: str = "xla"):
+    """softmax((Q K^T + bias) * scale) V over heads; scale defaults to 1/sqrt(d).
 
-    q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; key_mask: [B, Nk] (True/1 = attend);
-    bias: additive logits before the 1/sqrt(d) scaling, broadcastable to [B, H, Nq, Nk]
-    (paint-with-words adds w * A here). Softmax in float32.
+    q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; key_mask: [B, Nk] (True/1 = attend); mask: boolean,
+    broadcastable to [B, H, Nq, Nk] (a causal mask); bias: additive logits before the scaling,
+    broadcastable to [B, H, Nq, Nk] (paint-with-words adds w * A here; T5 its position bias,
+    with scale 1). Softmax in float32.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
         )
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if key_mask is not None:
+        keys = key_mask.astype(bool)[:, None, None, :]
+        mask = keys if mask is None else jnp.logical_and(mask, keys)
     if implementation != "xla":
-        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
         return jax.nn.dot_product_attention(
             q, k, v,
             bias=None if bias is None else (bias * scale).astype(q.dtype),
-            mask=mask,
+            mask=mask, scale=scale,
             implementation=None if implementation == "auto" else implementation,
         )
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     logits = logits * scale
-    if key_mask is not None:
-        logits = jnp.where(key_mask.astype(bool)[:, None, None, :], logits, -1e30)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -2,7 +2,7 @@
 
 Parameters and the main activations carry logical axis names (models/layers.py); this table maps
 them onto the mesh axes (data, fsdp, tensor). The batch is split over data x fsdp, parameters are
-sharded over fsdp (ZeRO-3 style), attention heads and MLP widths over tensor.
+sharded over fsdp (ZeRO-3 style), attention heads, MLP widths and vocabularies over tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_out", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("vocab", "tensor"),  # text encoders' token embeddings (T5-XXL's is 132 M params)
     ("conv_in", None),
     ("conv_h", None),
     ("conv_w", None),

@@ -1,0 +1,178 @@
+"""Prompts (and optional style images) -> the U-Net's `Conditioning`, in one place.
+
+The `encoders` config section names local Hugging Face directories: `t5` (a T5 or T5 v1.1
+checkpoint with its tokenizer), `clip_text` and `clip_vision` (CLIP checkpoints: one CLIPModel
+directory may serve both). Each part may be absent; its conditioning is then zeros, as the
+training dropout taught the U-Net. With none of them the built-in word embeddings
+(`toy.WordEncoder`) stand in, which is what the CPU demo on `shapes` uses.
+
+What the U-Net gets: T5 last hidden states (t5_length tokens, default 128, masked to the real
+tokens); CLIP text last hidden states (77 tokens, masked through end-of-text) and the projected
+pooled vector; the projected CLIP image embedding of the style image. Towers run jitted, with
+the batch sharded over a mesh when one is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ediffi_jax.encoders import clip, hf, t5
+from ediffi_jax.encoders.tokenizers import clip_tokenizer, load_tokenizer, tokenize
+from ediffi_jax.encoders.toy import WordEncoder
+from ediffi_jax.models.conditioning import Conditioning
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodersConfig:
+    """The `encoders` config section: local checkpoint directories, "" for an absent part."""
+
+    t5: str = ""
+    clip_text: str = ""
+    clip_vision: str = ""
+    dtype: str = "float32"  # compute dtype of the towers (bfloat16 on accelerators)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"encoders.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.t5 or self.clip_text or self.clip_vision)
+
+
+@dataclasses.dataclass
+class Tower:
+    """One loaded encoder: its module, params and a jitted apply."""
+
+    module: nn.Module
+    params: Any
+    config: Any
+    directory: str
+    apply: Callable = dataclasses.field(repr=False, default=None)
+
+    def __post_init__(self):
+        self.apply = jax.jit(lambda p, *args: self.module.apply({"params": p}, *args))
+
+
+def _load(module, names, directory, example_args, mesh):
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args)["params"])
+    abstract = nn.meta.unbox(boxed)
+    shardings = None
+    if mesh is not None:
+        from ediffi_jax.parallel.mesh import logical_shardings
+
+        shardings = logical_shardings(boxed, mesh)
+    params = hf.load(directory, names, abstract, shardings)
+    if shardings is None:
+        params = jax.tree.map(jnp.asarray, params)
+    return params
+
+
+def load_t5(directory: str, dtype: str = "float32", mesh=None) -> Tower:
+    cfg = t5.T5Config.from_hf(hf.read_config(directory), dtype=dtype)
+    module = t5.T5Encoder(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = _load(module, t5.hf_names(cfg), directory, (ids, ids), mesh)
+    return Tower(module, params, cfg, directory)
+
+
+def load_clip_text(directory: str, dtype: str = "float32", mesh=None) -> Tower:
+    cfg = clip.CLIPTextConfig.from_hf(hf.read_config(directory), dtype=dtype)
+    module = clip.CLIPTextTower(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = _load(module, clip.text_hf_names(cfg), directory, (ids, ids), mesh)
+    return Tower(module, params, cfg, directory)
+
+
+def load_clip_vision(directory: str, dtype: str = "float32", mesh=None) -> Tower:
+    cfg = clip.CLIPVisionConfig.from_hf(hf.read_config(directory), dtype=dtype)
+    module = clip.CLIPVisionTower(cfg)
+    x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+    params = _load(module, clip.vision_hf_names(cfg), directory, (x,), mesh)
+    return Tower(module, params, cfg, directory)
+
+
+class PretrainedEncoder:
+    """T5 + CLIP text + CLIP vision, each optional, sized for one U-Net config."""
+
+    def __init__(self, cfg: EncodersConfig, model, mesh=None):
+        from ediffi_jax.config import ConfigError
+
+        self.model, self.mesh = model, mesh
+        self.t5 = load_t5(cfg.t5, cfg.dtype, mesh) if cfg.t5 else None
+        self.clip_text = load_clip_text(cfg.clip_text, cfg.dtype, mesh) if cfg.clip_text else None
+        self.clip_vision = (load_clip_vision(cfg.clip_vision, cfg.dtype, mesh)
+                            if cfg.clip_vision else None)
+        self.t5_tokenizer = load_tokenizer(cfg.t5) if cfg.t5 else None
+        self.clip_tokenizer = clip_tokenizer(cfg.clip_text) if cfg.clip_text else None
+        checks = []
+        if self.t5:
+            checks.append(("model.t5_dim", model.t5_dim, "encoders.t5 d_model", self.t5.config.d_model))
+        if self.clip_text:
+            c = self.clip_text.config
+            checks += [("model.clip_dim", model.clip_dim, "encoders.clip_text hidden_size", c.hidden_size),
+                       ("model.clip_pooled_dim", model.clip_pooled_dim,
+                        "encoders.clip_text projection_dim", c.projection_dim)]
+            if model.clip_length > c.max_position_embeddings:
+                raise ConfigError(f"model.clip_length {model.clip_length} exceeds the CLIP text "
+                                  f"tower's {c.max_position_embeddings} positions")
+        if self.clip_vision:
+            checks.append(("model.clip_image_dim", model.clip_image_dim,
+                           "encoders.clip_vision projection_dim", self.clip_vision.config.projection_dim))
+        for mine, a, theirs, b in checks:
+            if a != b:
+                raise ConfigError(f"{mine} is {a} but {theirs} is {b}: they must agree")
+
+    def _shard(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from ediffi_jax.parallel.mesh import batch_sharding
+
+        return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
+
+    def encode(self, captions: Sequence[str], images=None) -> Conditioning:
+        """float32 numpy Conditioning for `captions`; `images` (one per caption, or None to
+        leave the CLIP image embedding zero) are style references."""
+        m = self.model
+        out = Conditioning.zeros(len(captions), t5_length=m.t5_length, t5_dim=m.t5_dim,
+                                 clip_length=m.clip_length, clip_dim=m.clip_dim,
+                                 clip_pooled_dim=m.clip_pooled_dim, clip_image_dim=m.clip_image_dim)
+        out = jax.tree.map(np.asarray, out)
+        parts = {}
+        if self.t5 is not None:
+            ids, mask = tokenize(self.t5_tokenizer, captions, m.t5_length, "T5 prompt")
+            hidden = self.t5.apply(self.t5.params, self._shard(ids), self._shard(mask))
+            parts["t5_mask"] = mask.astype(np.float32)
+            parts["t5_tokens"] = np.asarray(hidden, np.float32) * parts["t5_mask"][..., None]
+        if self.clip_text is not None:
+            ids, mask = tokenize(self.clip_tokenizer, captions, m.clip_length, "CLIP prompt")
+            hidden, _, projected = self.clip_text.apply(self.clip_text.params, self._shard(ids),
+                                                        self._shard(mask))
+            parts["clip_mask"] = mask.astype(np.float32)
+            parts["clip_tokens"] = np.asarray(hidden, np.float32) * parts["clip_mask"][..., None]
+            parts["clip_pooled"] = np.asarray(projected, np.float32)
+        if images is not None:
+            parts["clip_image"] = self.encode_images(images)
+        return out.replace(**parts)
+
+    def encode_images(self, images) -> np.ndarray:
+        """[N, clip_image_dim] projected CLIP image embeddings of style images."""
+        if self.clip_vision is None:
+            from ediffi_jax.config import ConfigError
+
+            raise ConfigError("a style image needs a CLIP vision tower: set encoders.clip_vision")
+        pixels = clip.preprocess_images(images, self.clip_vision.config.image_size)
+        _, _, projected = self.clip_vision.apply(self.clip_vision.params, self._shard(pixels))
+        return np.asarray(projected, np.float32)
+
+
+def make_conditioner(cfg: EncodersConfig, model, mesh=None):
+    """The conditioning source a run uses: its pretrained encoders, else the word embeddings."""
+    if cfg.pretrained:
+        return PretrainedEncoder(cfg, model, mesh)
+    return WordEncoder.for_model(model)

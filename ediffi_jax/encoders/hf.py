@@ -1,0 +1,159 @@
+"""Hugging Face checkpoints from a local directory, read with safetensors' numpy API (no torch).
+
+A directory in Hugging Face layout holds `config.json` and either `model.safetensors` or a
+sharded `*.safetensors.index.json` with its shard files. Each Flax model declares the Hugging
+Face name of every parameter and how to convert it (`hf_names` in t5.py / clip.py); this module
+reads, converts and checks them, and places each tensor straight onto its sharding (each device
+gets only its shard, one tensor in host memory at a time), so a T5-XXL loads onto a mesh.
+The reverse (`save`) writes the same layout: how the project makes its tiny encoders.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+# How a Hugging Face (PyTorch) tensor becomes a Flax param, and back.
+_TO_FLAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "linear": lambda w: w.T,  # [out, in] -> [in, out]
+    "conv": lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
+    "embedding": lambda w: w,
+    "norm": lambda w: w,
+    "raw": lambda w: w,
+}
+_TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "linear": lambda w: w.T,
+    "conv": lambda w: w.transpose(3, 2, 0, 1),
+    "embedding": lambda w: w,
+    "norm": lambda w: w,
+    "raw": lambda w: w,
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: expected a Hugging Face config.json there")
+    with open(path) as f:
+        return json.load(f)
+
+
+class SafetensorsDir:
+    """The tensors of a directory's model.safetensors or sharded index, read on demand."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        single = os.path.join(directory, "model.safetensors")
+        indexes = sorted(glob.glob(os.path.join(directory, f"*{INDEX_SUFFIX}")))
+        if os.path.isfile(single):
+            files = {None: single}
+        elif indexes:
+            with open(indexes[0]) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
+            for shard in sorted(set(files.values())):
+                if not os.path.isfile(shard):
+                    raise CheckpointError(f"{indexes[0]} lists {os.path.basename(shard)}, which is "
+                                          f"not in {directory}")
+        else:
+            raise CheckpointError(f"{directory}: expected model.safetensors or a sharded "
+                                  f"model{INDEX_SUFFIX} with its shards")
+        self._handles = {}
+        self._where = {}
+        for path in sorted(set(files.values())):
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as e:  # safetensors raises its own types for damaged files
+                raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+            self._handles[path] = handle
+            for name in handle.keys():
+                self._where[name] = path
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        """`name`, or the first present of alternatives written "a|b"."""
+        for candidate in name.split("|"):
+            if candidate in self._where:
+                return self._handles[self._where[candidate]].get_tensor(candidate)
+        raise CheckpointError(f"{self.directory}: tensor {name.replace('|', ' or ')} is missing "
+                              f"({len(self._where)} tensors there)")
+
+
+def load(directory: str, names: Mapping[tuple[str, ...], tuple[str, str]], abstract_params,
+         shardings=None, dtype=np.float32):
+    """The params tree of `abstract_params` read from `directory`. With `shardings` (a tree
+    like abstract_params) each leaf is a global jax.Array on its sharding; without, numpy.
+
+    Every param must be named in `names` and present in the checkpoint with the expected
+    shape: errors name the Hugging Face tensor and the Flax path."""
+    tensors = SafetensorsDir(directory)
+    flat = flatten_dict(abstract_params)
+    unnamed = sorted(set(flat) - set(names))
+    if unnamed:
+        raise CheckpointError(f"no Hugging Face name for params {['/'.join(p) for p in unnamed[:3]]}")
+    flat_shardings = flatten_dict(shardings) if shardings is not None else {}
+    out = {}
+    for path, want in flat.items():
+        hf_name, kind = names[path]
+        value = _TO_FLAX[kind](tensors.get(hf_name))
+        if value.shape != tuple(want.shape):
+            raise CheckpointError(
+                f"{directory}: tensor {hf_name} has shape {_TO_HF[kind](value).shape}; the config "
+                f"implies {_TO_HF[kind](np.empty(want.shape, np.int8)).shape} (Flax param "
+                f"{'/'.join(path)} {tuple(want.shape)})")
+        value = np.ascontiguousarray(value, dtype=dtype)
+        if path in flat_shardings:
+            sharding = flat_shardings[path]
+            value = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        out[path] = value
+    return unflatten_dict(out)
+
+
+def to_hf_tensors(params, names: Mapping[tuple[str, ...], tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Params under their Hugging Face names and layouts (the inverse of `load`)."""
+    tensors = {}
+    for path, value in flatten_dict(params).items():
+        hf_name, kind = names[path]
+        tensors[hf_name.split("|")[0]] = np.ascontiguousarray(
+            _TO_HF[kind](np.asarray(value, np.float32)))
+    return tensors
+
+
+def save(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
+         extra_files: Mapping[str, str | bytes] | None = None) -> None:
+    """Write config.json + model.safetensors (+ files such as the tokenizer's), atomically:
+    a temporary directory renamed into place."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    tmp = f"{directory.rstrip('/')}.tmp.{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        save_file(dict(tensors), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
