@@ -8,7 +8,8 @@ from ediffi_jax.diffusion.intervals import ExpertInterval, resolve_layout
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.models.unet import UNetConfig
 
-SECTIONS = ("name", "model", "experts", "sampling", "train", "mesh", "data", "distributed")
+SECTIONS = ("name", "model", "experts", "sampling", "train", "mesh", "data", "distributed",
+            "encoders")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,14 +17,17 @@ def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None,
     """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy)."""
     from ediffi_jax.data.shapes import ShapesConfig, ShapesSource, caption_accuracy, parse_caption
     from ediffi_jax.config import section, to_dict
+    from ediffi_jax.encoders.conditioner import make_conditioner
     from sample.generate import generate
 
     fields = dict(to_dict(run.data.shapes) or {})
     fields.update(resolution=run.stage.model.resolution, seed=int(fields.get("seed", 0)) + 1000)
     source = ShapesSource(section(ShapesConfig, fields, "data.shapes"))
     captions = [source[i]["caption"] for i in range(num)]
+    conditioner = make_conditioner(run.encoders, run.stage.model)
     images = np.concatenate([
-        generate(run, ensemble, captions[i:i + batch], seed=seed, sampling=sampling, first_index=i)
+        generate(run, ensemble, captions[i:i + batch], seed=seed, sampling=sampling, first_index=i,
+                 conditioner=conditioner)
         for i in range(0, num, batch)])
     rates = caption_accuracy(images, [parse_caption(c) for c in captions])
     return rates, images, captions

@@ -22,7 +22,7 @@ from ediffi_jax.config import ConfigError, apply_override, section
 from ediffi_jax.diffusion.intervals import ExpertInterval
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
-from ediffi_jax.encoders.toy import WordEncoder
+from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from train.checkpoint import Checkpointer
@@ -78,12 +78,16 @@ def to_uint8(images) -> np.ndarray:
 
 def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, seed: int = 0,
              sampling: SamplingConfig | None = None, resolution: int | None = None,
-             first_index: int = 0, runner: PlanRunner | None = None) -> np.ndarray:
-    """One image per prompt (uint8 [N, H, W, 3]); example i of the run is prompt i."""
+             first_index: int = 0, runner: PlanRunner | None = None,
+             conditioner=None, style_images=None) -> np.ndarray:
+    """One image per prompt (uint8 [N, H, W, 3]); example i of the run is prompt i. Prompts
+    are encoded by `conditioner` (default: the run's encoders); `style_images` (one per
+    prompt) give the CLIP image embedding."""
     model = run.stage.model
     sampling = sampling or run.stage.sampling
     res = resolution or model.resolution
-    cond = WordEncoder.for_model(model).encode(list(prompts))
+    conditioner = conditioner or make_conditioner(run.encoders, model)
+    cond = conditioner.encode(list(prompts), style_images)
     cond = jax.tree.map(jnp.asarray, cond)
     runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
     plan = sampling.plan(ensemble.intervals)

@@ -25,7 +25,7 @@ import numpy as np
 from ediffi_jax.config import ConfigError, section, to_dict
 from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
 from ediffi_jax.diffusion.edm import LogNormalSigma
-from ediffi_jax.encoders.toy import WordEncoder
+from ediffi_jax.encoders.conditioner import EncodersConfig, make_conditioner
 from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
@@ -66,6 +66,7 @@ class RunSpec:
     train: TrainConfig
     mesh: MeshConfig
     data: DataConfig
+    encoders: EncodersConfig
 
 
 def run_schema() -> dict[str, type]:
@@ -75,7 +76,8 @@ def run_schema() -> dict[str, type]:
     from ediffi_jax.parallel.distributed import DistributedConfig
 
     return {"model": UNetConfig, "sampling": SamplingConfig, "train": TrainConfig,
-            "mesh": MeshConfig, "data": DataConfig, "distributed": DistributedConfig}
+            "mesh": MeshConfig, "data": DataConfig, "distributed": DistributedConfig,
+            "encoders": EncodersConfig}
 
 
 def parse_run(config) -> RunSpec:
@@ -85,6 +87,7 @@ def parse_run(config) -> RunSpec:
         train=section(TrainConfig, config.get("train"), "train"),
         mesh=section(MeshConfig, config.get("mesh"), "mesh"),
         data=section(DataConfig, config.get("data"), "data"),
+        encoders=section(EncodersConfig, config.get("encoders"), "encoders"),
     )
 
 
@@ -112,16 +115,41 @@ def check_layout(run: RunSpec, mesh) -> None:
         )
 
 
-class _Batches:
-    """Host batches from the pipeline -> device arrays: images to [-1, 1], captions encoded."""
+def conditioning_source(run: RunSpec, source):
+    """(pipeline transform, encoder): records with precomputed conditioning are unpacked in the
+    pipeline (no encoder runs); otherwise the run's encoders encode each batch's captions."""
+    from ediffi_jax.data.embeddings import ConditioningLayout, UnpackConditioning
 
-    def __init__(self, iterator, encoder: WordEncoder, mesh):
+    stored = getattr(source, "metadata", {}).get("conditioning")
+    if not stored:
+        return None, make_conditioner(run.encoders, run.stage.model)
+    if not run.encoders.pretrained:
+        raise ConfigError(
+            f"{run.data.path} holds conditioning precomputed by the encoders {stored['encoders']}; "
+            "set the same `encoders` section (sampling encodes prompts with it)")
+    layout = ConditioningLayout.for_model(run.stage.model, stored["dtype"])
+    try:
+        layout.check(source.features, run.data.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return UnpackConditioning(layout), None
+
+
+class _Batches:
+    """Host batches from the pipeline -> device arrays: images to [-1, 1], captions encoded
+    (unless the records carry precomputed conditioning)."""
+
+    def __init__(self, iterator, encoder, mesh):
         self.iterator, self.encoder, self.mesh = iterator, encoder, mesh
 
     def next(self) -> dict:
         batch = next(self.iterator)
-        captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
-        cond = self.encoder.encode(captions)
+        if "cond" in batch:
+            cond = Conditioning(**{f.name: np.asarray(batch["cond"][f.name], np.float32)
+                                   for f in dataclasses.fields(Conditioning)})
+        else:
+            captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+            cond = self.encoder.encode(captions)
         host = {
             "image": (np.asarray(batch["image"], np.float32) / 127.5 - 1.0),
             "index": np.asarray(batch["index"], np.int32),
@@ -202,7 +230,9 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     source = build_source(run.data, model.resolution)
     os.makedirs(workdir, exist_ok=True)
 
-    pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed)
+    unpack, encoder = conditioning_source(run, source)
+    pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed,
+                             transform=unpack)
     iterator = iter(pipeline)
     unet = UNet(model)
     optimizer = make_optimizer(tcfg)
@@ -241,7 +271,7 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
         out_shardings=(state_sh, replicated),
     )
     interval = jax.device_put(tcfg.sigma_interval(), replicated)
-    batches = _Batches(iterator, WordEncoder.for_model(model), mesh)
+    batches = _Batches(iterator, encoder, mesh)
     primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")

@@ -164,22 +164,53 @@ def write_records(
     finally:
         if bar is not None:
             bar.close()
+    write_sidecar(prefix, finals, count, features, metadata)
+    return finals
+
+
+def write_sidecar(prefix: str, shards: Sequence[str], count: int, features: Mapping[str, Any],
+                  metadata: Mapping[str, Any] | None = None) -> None:
+    """The `<prefix>.json` that makes complete shards a dataset (written last, atomically)."""
     sidecar = {
         "format": FORMAT,
         "serialization": "flax.serialization.msgpack",
         "count": count,
-        "num_shards": num_shards,
-        "shards": [os.path.basename(f) for f in finals],
-        "features": features,
+        "num_shards": len(shards),
+        "shards": [os.path.basename(f) for f in shards],
+        "features": dict(features),
         "metadata": dict(metadata or {}),
     }
     _atomic_write_text(sidecar_path(prefix), json.dumps(sidecar, indent=2) + "\n")
     # Shards of an earlier write with a different shard count would confuse a glob; the sidecar
     # now names the current ones, so the stale ones can go.
     for stale in glob.glob(f"{glob.escape(prefix)}-*-of-*{SHARD_SUFFIX}"):
-        if stale not in finals:
+        if stale not in shards:
             os.remove(stale)
-    return finals
+
+
+def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
+    """One complete shard file: written under a temporary name, renamed when done. Returns the
+    number of records (for writers that build a dataset shard by shard, resumably)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    count = 0
+    try:
+        for example in examples:
+            writer.write(encode_example(example))
+            count += 1
+        if not writer.ok():
+            raise OSError(f"ArrayRecord writer failed while writing {path}")
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if writer.is_open():
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return count
 
 
 def _missing_error(prefix: str, detail: str) -> FileNotFoundError:
