@@ -23,8 +23,9 @@ from ediffi_jax.diffusion.intervals import ExpertInterval
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
+from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
-from ediffi_jax.models.unet import UNet
+from ediffi_jax.models.unet import UNet, conv3x3_levels
 from train.checkpoint import Checkpointer
 from train.trainer import RunSpec, load_params, parse_run
 
@@ -79,10 +80,12 @@ def to_uint8(images) -> np.ndarray:
 def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, seed: int = 0,
              sampling: SamplingConfig | None = None, resolution: int | None = None,
              first_index: int = 0, runner: PlanRunner | None = None,
-             conditioner=None, style_images=None) -> np.ndarray:
+             conditioner=None, style_images=None,
+             highres: HighResConfig | None = None) -> np.ndarray:
     """One image per prompt (uint8 [N, H, W, 3]); example i of the run is prompt i. Prompts
     are encoded by `conditioner` (default: the run's encoders); `style_images` (one per
-    prompt) give the CLIP image embedding."""
+    prompt) give the CLIP image embedding; `highres` applies at a `resolution` past the
+    training one (ScaleCrafter)."""
     model = run.stage.model
     sampling = sampling or run.stage.sampling
     res = resolution or model.resolution
@@ -90,19 +93,38 @@ def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, 
     cond = conditioner.encode(list(prompts), style_images)
     cond = jax.tree.map(jnp.asarray, cond)
     runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
-    plan = sampling.plan(ensemble.intervals)
+    plan = sampling_plan(model, ensemble, sampling, res, highres)
     images = runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
                            example_indices=np.arange(first_index, first_index + len(prompts)),
                            cond=cond, uncond=cond.unconditional())
     return to_uint8(images)
 
 
+def sampling_plan(model, ensemble: ExpertEnsemble, sampling: SamplingConfig, resolution: int,
+                  highres: HighResConfig | None = None):
+    """The segment plan: experts by noise interval, plus the ScaleCrafter schedule when
+    `highres` asks for it at this resolution."""
+    plan = highres.plan(conv3x3_levels(model), resolution / model.resolution) if highres else None
+    if plan is None:
+        return sampling.plan(ensemble.intervals)
+    sigmas = sampling.sigmas()
+    return sampling.plan(ensemble.intervals, plan.layer_settings(sigmas),
+                         plan.uncond_layer_settings(sigmas))
+
+
 def sampling_with_overrides(run: RunSpec, overrides: Sequence[str]) -> SamplingConfig:
     """The run's sampling section with `sampling.key=value` overrides applied."""
-    base = ml_collections.ConfigDict({"sampling": dataclasses.asdict(run.stage.sampling)})
+    return sample_settings(run, overrides)[0]
+
+
+def sample_settings(run: RunSpec, overrides: Sequence[str]) -> tuple[SamplingConfig, HighResConfig]:
+    """The run's `sampling` and `highres` sections with `section.key=value` overrides."""
+    base = ml_collections.ConfigDict({"sampling": dataclasses.asdict(run.stage.sampling),
+                                      "highres": dataclasses.asdict(HighResConfig())})
     for item in overrides:
         apply_override(base, item)
-    return section(SamplingConfig, base.sampling, "sampling")
+    return (section(SamplingConfig, base.sampling, "sampling"),
+            section(HighResConfig, base.highres, "highres"))
 
 
 def grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

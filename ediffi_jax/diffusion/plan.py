@@ -30,13 +30,32 @@ class SegmentSettings:
 
     sampler: the integrator; use_cfg: whether the unconditional branch runs; stochastic: whether
     steps add churn noise (EDM Algorithm 2); layers: per-layer static overrides of the denoiser
-    (e.g. conv dilation), as a sorted tuple of (layer path, setting) pairs.
+    (e.g. conv dilation), as a sorted tuple of (layer path, setting) pairs; uncond_layers:
+    noise-damped CFG's milder overrides for the unconditional base term (None: plain CFG).
     """
 
     sampler: str = "heun"
     use_cfg: bool = True
     stochastic: bool = False
     layers: tuple = ()
+    uncond_layers: tuple | None = None
+
+    def summary(self) -> str:
+        """One line: sampler, guidance, churn, and per-layer overrides counted by setting."""
+        def count(layers):
+            kinds: dict[str, int] = {}
+            for _, setting in layers:
+                kinds[str(setting)] = kinds.get(str(setting), 0) + 1
+            return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+
+        parts = [self.sampler, "cfg" if self.use_cfg else "no-cfg"]
+        if self.stochastic:
+            parts.append("churn")
+        if self.layers:
+            parts.append(f"layers [{count(self.layers)}]")
+        if self.uncond_layers is not None:
+            parts.append(f"ndcfg base [{count(self.uncond_layers)}]")
+        return " ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +91,7 @@ class Plan:
             lines.append(
                 f"steps [{s.start:3d}, {s.stop:3d})  sigma {self.sigmas[s.start]:9.4g} -> "
                 f"{self.sigmas[s.stop]:9.4g}  experts {s.experts}  w={s.guidance_scale:g}  "
-                f"{s.settings}"
+                f"{s.settings.summary()}"
             )
         return "\n".join(lines)
 
@@ -106,6 +125,7 @@ def build_plan(
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
     layer_settings: Callable[[int, float], tuple] | None = None,
+    uncond_layer_settings: Callable[[int, float], tuple | None] | None = None,
     p_mean: float = P_MEAN,
     p_std: float = P_STD,
 ) -> Plan:
@@ -115,6 +135,8 @@ def build_plan(
       scale of the expert evaluating its first call. Scale 1 skips the unconditional branch.
     layer_settings: (step index, sigma) -> static per-layer settings (ScaleCrafter's dilation
       schedule plugs in here); steps with different settings land in different segments.
+    uncond_layer_settings: (step index, sigma) -> the settings of noise-damped CFG's
+      unconditional base term, or None for plain CFG at that step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -148,6 +170,9 @@ def build_plan(
             stochastic=bool(gammas[i] > 0),
             layers=tuple(layer_settings(i, float(sigmas[i]))) if layer_settings else (),
         )
+        mild = uncond_layer_settings(i, float(sigmas[i])) if uncond_layer_settings else None
+        if mild is not None and settings.use_cfg:
+            settings = dataclasses.replace(settings, uncond_layers=tuple(mild))
         steps.append((experts, scale, settings))
 
     segments = []
@@ -186,9 +211,10 @@ class SamplingConfig:
     def sigmas(self) -> np.ndarray:
         return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
 
-    def plan(self, intervals: Sequence[ExpertInterval] = SINGLE, layer_settings=None) -> Plan:
+    def plan(self, intervals: Sequence[ExpertInterval] = SINGLE, layer_settings=None,
+             uncond_layer_settings=None) -> Plan:
         return build_plan(
             self.sigmas(), intervals, sampler=self.sampler, guidance_scale=self.guidance_scale,
             s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
-            layer_settings=layer_settings,
+            layer_settings=layer_settings, uncond_layer_settings=uncond_layer_settings,
         )

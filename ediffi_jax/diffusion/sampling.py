@@ -5,6 +5,7 @@ does not depend on the batch it was sampled in, on the device count, or on its p
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -96,10 +97,16 @@ class PlanRunner:
         self.trace_count += 1
         expert_params = (params_first, params_second)
 
+        fn = functools.partial(self.denoise_fn, settings=settings)
+        base_fn = None
+        if settings.uncond_layers is not None:  # noise-damped CFG: the milder base term
+            mild = dataclasses.replace(settings, layers=settings.uncond_layers, uncond_layers=None)
+            base_fn = functools.partial(self.denoise_fn, settings=mild)
+
         def denoise(which, x, sigma):
-            fn = functools.partial(self.denoise_fn, settings=settings)
             return guided_denoise(
-                fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg
+                fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg,
+                base_fn=base_fn,
             )
 
         body = lambda i, st: _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)  # noqa: E731

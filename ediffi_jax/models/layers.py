@@ -30,13 +30,40 @@ default_kernel_init = nn.initializers.lecun_normal()
 
 @dataclasses.dataclass(frozen=True)
 class ConvSetting:
-    """Static per-layer conv behaviour at sampling time (ScaleCrafter extends this)."""
+    """Static per-layer conv behaviour at sampling time (ScaleCrafter's re-dilation).
+
+    dilation: the kernel's dilation d. scale: fractional re-dilation resizes the input by s
+    (bilinear, no antialias), convolves with dilation d and resizes the output back, so the
+    receptive field grows by d / s. dispersed: the 3x3 kernel is replaced by its 5x5 dispersed
+    version (highres/disperse.py) before the conv.
+    """
 
     dilation: int = 1
+    scale: float = 1.0
+    dispersed: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.dilation, int) and self.dilation >= 1):
             raise ValueError(f"conv dilation must be an integer >= 1, got {self.dilation!r}")
+        if not self.scale >= 1.0:
+            raise ValueError(f"conv scale must be >= 1, got {self.scale!r}")
+
+    def __str__(self) -> str:  # compact, for plan descriptions: d2, d3/s1.2, d2+dispersed
+        scale = f"/s{self.scale:.3g}" if self.scale != 1.0 else ""
+        return f"d{self.dilation}{scale}{'+dispersed' if self.dispersed else ''}"
+
+    @classmethod
+    def for_factor(cls, pf: float, dispersed: bool = False) -> "ConvSetting":
+        """The setting that widens a 3x3 conv's perception field by `pf` (ScaleCrafter):
+        d = ceil(pf), s = d / pf. A dispersed 5x5 kernel already spans twice the field, so it
+        takes half the factor."""
+        if dispersed:
+            pf = pf / 2
+        if not pf >= 1.0:
+            raise ValueError(f"perception-field factor {pf * (2 if dispersed else 1)} is below "
+                             f"{'2 (dispersed layers halve it)' if dispersed else '1'}")
+        d = math.ceil(pf - 1e-9)
+        return cls(dilation=d, scale=1.0 if d == pf else d / pf, dispersed=dispersed)
 
 
 DEFAULT_CONV = ConvSetting()
@@ -81,9 +108,35 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", _param(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
         setting = (conv_settings or {}).get(layer_path(self), DEFAULT_CONV)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
-                   dilation=setting.dilation)
-        return y + bias.astype(self.dtype)
+        return redilated_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                              setting) + bias.astype(self.dtype)
+
+
+def resize_bilinear(x, height: int, width: int):
+    """NHWC bilinear resize with half-pixel centres and no antialias (torch's
+    F.interpolate(mode="bilinear", align_corners=False)), in float32."""
+    if x.shape[1:3] == (height, width):
+        return x
+    y = jax.image.resize(x.astype(jnp.float32), (x.shape[0], height, width, x.shape[3]),
+                         "bilinear", antialias=False)
+    return y.astype(x.dtype)
+
+
+def redilated_conv(x, kernel, stride: int, setting: ConvSetting):
+    """The conv under a ConvSetting: optional dispersed kernel, fractional resize around a
+    dilated conv (ScaleCrafter's f_k^d(h) = interp_{1/s}(interp_s(h) * dilate_d(k)))."""
+    if setting.dispersed:
+        if kernel.shape[:2] != (3, 3):
+            raise ValueError(f"dispersion applies to 3x3 kernels, got {kernel.shape[:2]}")
+        from ediffi_jax.highres.disperse import disperse_kernel
+
+        kernel = disperse_kernel(kernel)
+    if setting.scale == 1.0:
+        return conv2d(x, kernel, stride=stride, dilation=setting.dilation)
+    _, h, w, _ = x.shape
+    up = resize_bilinear(x, round(h * setting.scale), round(w * setting.scale))
+    y = conv2d(up, kernel, stride=stride, dilation=setting.dilation)
+    return resize_bilinear(y, h // stride, w // stride)
 
 
 class Dense(nn.Module):

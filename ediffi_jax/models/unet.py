@@ -284,6 +284,26 @@ def conv_layer_paths(params: Mapping) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def conv3x3_levels(config: UNetConfig) -> dict[str, int]:
+    """Every 3x3 conv's path -> the level whose resolution it reads (0: the input resolution;
+    conv_in and conv_out are -1: the boundary, never re-dilated). 1x1 skips are not listed.
+    An upsampler's conv reads the finer level it upsamples to."""
+    levels = len(config.channel_mult)
+    out = {"conv_in": -1, "conv_out": -1}
+    for lvl in range(levels):
+        for i in range(config.num_res_blocks):
+            out[f"down{lvl}_res{i}/conv1"] = out[f"down{lvl}_res{i}/conv2"] = lvl
+        if lvl < levels - 1:
+            out[f"down{lvl}_downsample/conv"] = lvl
+        for i in range(config.num_res_blocks + 1):
+            out[f"up{lvl}_res{i}/conv1"] = out[f"up{lvl}_res{i}/conv2"] = lvl
+        if lvl > 0:
+            out[f"up{lvl}_upsample/conv"] = lvl - 1
+    for i in range(2):
+        out[f"mid_res{i}/conv1"] = out[f"mid_res{i}/conv2"] = levels - 1
+    return out
+
+
 def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:
     """Every path named in conv_settings must be a conv of this U-Net (no silent skipping)."""
     import difflib

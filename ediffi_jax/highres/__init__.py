@@ -1,0 +1,1 @@
+"""ScaleCrafter: sampling past the training resolution without repeated objects."""

@@ -1,0 +1,188 @@
+"""ScaleCrafter plans: which conv layers widen their perception field, by how much, and while
+which noise levels; plus dispersion and noise-damped classifier-free guidance (NDCFG).
+
+A `HighResPlan` maps U-Net conv paths to a perception-field factor pf and is active while
+sigma >= `sigma_tau` (ScaleCrafter's step threshold tau, expressed in sigma so any sampler and
+step count work; tau = the number of steps of the schedule with sigma_i >= sigma_tau).
+Progressive mode shrinks the dilation over the active steps: d_i = max(ceil(pf (tau - i) / tau), 2)
+(never above pf). Dispersed layers use the 5x5 dispersed kernel with pf / 2. NDCFG takes the
+unconditional base term from a milder plan (`ndcfg`), the guidance difference from this one.
+
+The plan turns into per-step static conv settings (`layer_settings(sigmas)`); the sampling plan
+makes every distinct setting a segment, so each compiles once. Nothing touches conv_in,
+conv_out, 1x1 convs, attention or the outermost level: a plan naming one of those, or a path the
+U-Net does not have, is an error (the official code silently skips unknown names).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Mapping
+
+import numpy as np
+
+from ediffi_jax.models.layers import ConvSetting
+
+METHODS = ("none", "scalecrafter")
+
+
+@dataclasses.dataclass(frozen=True)
+class HighResPlan:
+    dilation: Mapping[str, float]  # conv path -> perception-field factor (>= 1)
+    sigma_tau: float = 1.0  # re-dilation while sigma >= sigma_tau
+    progressive: bool = False
+    disperse: tuple[str, ...] = ()  # paths (a subset of `dilation`) with dispersed kernels
+    disperse_sigma: float | None = None  # dispersion while sigma >= this (default sigma_tau)
+    ndcfg: Mapping[str, float] | None = None  # the milder plan of the unconditional base term
+    ndcfg_sigma: float | None = None  # NDCFG while sigma >= this (default sigma_tau)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dilation", dict(self.dilation))
+        object.__setattr__(self, "disperse", tuple(self.disperse))
+        if self.ndcfg is not None:
+            object.__setattr__(self, "ndcfg", dict(self.ndcfg))
+        for name, table in (("dilation", self.dilation), ("ndcfg", self.ndcfg or {})):
+            for path, pf in table.items():
+                if not pf >= 1:
+                    raise ValueError(f"highres {name}: {path} has factor {pf}; factors are >= 1")
+        extra = sorted(set(self.disperse) - set(self.dilation))
+        if extra:
+            raise ValueError(f"highres disperse names layers without a dilation factor: {extra}")
+        for path in self.disperse:
+            if self.dilation[path] < 2:
+                raise ValueError(f"highres disperse: {path} has factor {self.dilation[path]}; a "
+                                 "dispersed 5x5 kernel already doubles the field, so it needs >= 2")
+
+    def validate(self, levels: Mapping[str, int]) -> None:
+        """Against a U-Net's `conv3x3_levels`: every path exists and is an inner-level 3x3 conv."""
+        for name, table in (("dilation", self.dilation), ("ndcfg", self.ndcfg or {})):
+            for path in table:
+                if path not in levels:
+                    close = difflib.get_close_matches(path, sorted(levels), n=3)
+                    raise ValueError(f"highres {name} names {path!r}, not a 3x3 conv of this U-Net"
+                                     + (f"; did you mean {close}?" if close else ""))
+                if levels[path] <= 0:
+                    raise ValueError(f"highres {name} names {path!r}: conv_in, conv_out and the "
+                                     "outermost level's convs are never re-dilated")
+
+    def _steps(self, sigmas, threshold) -> int:
+        return int(np.sum(np.asarray(sigmas[:-1]) >= threshold))
+
+    def _settings(self, table, sigmas, i, sigma, with_dispersion: bool) -> tuple:
+        tau = self._steps(sigmas, self.sigma_tau)
+        if i >= tau:
+            return ()
+        disperse_tau = self._steps(sigmas, self.sigma_tau if self.disperse_sigma is None
+                                   else self.disperse_sigma)
+        out = []
+        for path, pf in sorted(table.items()):
+            if self.progressive:
+                pf = min(pf, max(math.ceil(pf * (tau - i) / tau), 2))
+            dispersed = with_dispersion and path in self.disperse and i < disperse_tau
+            setting = ConvSetting.for_factor(pf, dispersed=dispersed)
+            if setting != ConvSetting():
+                out.append((path, setting))
+        return tuple(out)
+
+    def layer_settings(self, sigmas):
+        """(step i, sigma) -> the static conv settings of step i (for build_plan)."""
+        return lambda i, sigma: self._settings(self.dilation, sigmas, i, sigma, True)
+
+    def uncond_layer_settings(self, sigmas):
+        """(step i, sigma) -> NDCFG's milder settings for the unconditional base term, or None
+        where NDCFG is off (plain CFG)."""
+        if self.ndcfg is None:
+            return None
+        ndcfg_tau = self._steps(sigmas, self.sigma_tau if self.ndcfg_sigma is None
+                                else self.ndcfg_sigma)
+
+        def fn(i, sigma):
+            if i >= ndcfg_tau:
+                return None
+            return self._settings(self.ndcfg, sigmas, i, sigma, False)
+
+        return fn
+
+
+def level_factors(num_levels: int, factor: float) -> dict[int, float]:
+    """Preset perception-field factors per inner level for `factor` x the training side: the
+    deepest level (and the middle block) gets `factor`, shallower inner levels taper linearly
+    to 2 (to `factor` itself below 2), the outermost level none -- the pattern of the official
+    SD/SDXL settings (2 everywhere inner at 2x; 4 deep tapering to 2 at 4x)."""
+    deepest = num_levels - 1
+    floor = min(factor, 2.0)
+    return {lvl: max(floor, factor * lvl / deepest) for lvl in range(1, num_levels)}
+
+
+def preset(levels: Mapping[str, int], factor: float, *, sigma_tau: float | None = None,
+           progressive: bool | None = None, disperse: bool = False,
+           ndcfg: bool | None = None) -> HighResPlan | None:
+    """The project's ScaleCrafter plan for a U-Net (its `conv3x3_levels`) at `factor` x its
+    training side. Defaults by factor: progressive and NDCFG from 4x side (16x area) on, as the
+    official 16x configs; dispersion (deepest level) only when asked. None below factor 1.25."""
+    if factor < 1.25:
+        return None
+    num_levels = max(levels.values()) + 1
+    if num_levels < 2:
+        raise ValueError("a U-Net with one level has no inner level to re-dilate")
+    big = factor >= 4 - 1e-9
+    per_level = level_factors(num_levels, factor)
+    dilation = {p: per_level[lvl] for p, lvl in levels.items() if lvl >= 1}
+    deepest = num_levels - 1
+    dispersed = tuple(p for p, lvl in levels.items()
+                      if disperse and lvl == deepest and dilation[p] >= 2)
+    mild = None
+    if (big if ndcfg is None else ndcfg):
+        # The milder plan drops the outermost re-dilated level (the official ndcfg sets do).
+        mild = {p: pf for p, pf in dilation.items() if levels[p] >= 2} if num_levels > 2 else {}
+    return HighResPlan(
+        dilation=dilation,
+        sigma_tau=(1.0 if sigma_tau is None else sigma_tau),
+        progressive=big if progressive is None else progressive,
+        disperse=dispersed,
+        ndcfg=mild,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HighResConfig:
+    """The `highres` config section (sampling past the training resolution).
+
+    method: "none" (direct sampling) or "scalecrafter". The preset for the output size is used
+    unless `dilation` (conv path -> factor) gives a plan; `ndcfg_dilation` likewise gives NDCFG's
+    milder plan. progressive / ndcfg: None takes the preset's default for the factor.
+    """
+
+    method: str = "none"
+    sigma_tau: float = 1.0
+    progressive: bool | None = None
+    disperse: bool = False
+    disperse_sigma: float | None = None
+    ndcfg: bool | None = None
+    ndcfg_sigma: float | None = None
+    dilation: Mapping[str, float] | None = None
+    ndcfg_dilation: Mapping[str, float] | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"highres.method must be one of {METHODS}, got {self.method!r}")
+
+    def plan(self, levels: Mapping[str, int], factor: float) -> HighResPlan | None:
+        """The plan for a U-Net at `factor` x its training side (None: direct sampling)."""
+        if self.method == "none":
+            return None
+        if self.dilation:
+            disperse = tuple(p for p, pf in self.dilation.items() if self.disperse and pf >= 2)
+            mild = dict(self.ndcfg_dilation) if self.ndcfg_dilation else None
+            plan = HighResPlan(dict(self.dilation), self.sigma_tau, bool(self.progressive),
+                               disperse, self.disperse_sigma, mild, self.ndcfg_sigma)
+        else:
+            plan = preset(levels, factor, sigma_tau=self.sigma_tau, progressive=self.progressive,
+                          disperse=self.disperse, ndcfg=self.ndcfg)
+            if plan is not None:
+                plan = dataclasses.replace(plan, disperse_sigma=self.disperse_sigma,
+                                           ndcfg_sigma=self.ndcfg_sigma)
+        if plan is not None:
+            plan.validate(levels)
+        return plan
