@@ -43,6 +43,18 @@ def test_prompts_become_masked_conditioning(encoders):
     for tokens, mask in ((cond.t5_tokens, cond.t5_mask), (cond.clip_tokens, cond.clip_mask)):
         assert np.all(tokens[mask == 0] == 0) and np.all(np.abs(tokens[mask == 1]).sum(-1) > 0)
     assert np.all(cond.clip_image == 0) and np.all(np.abs(cond.clip_pooled).sum(-1) > 0)
+    # Long contexts run on the shortest length bucket (32 here), yet equal the full length.
+    from ediffi_jax.encoders.tokenizers import tokenize
+
+    long = PretrainedEncoder(EncodersConfig(**encoders), model_config(t5_length=96, clip_length=77))
+    bucketed = long.encode(prompts)
+    ids, mask = tokenize(long.t5_tokenizer, prompts, 96, "T5 prompt")
+    full = np.asarray(long.t5.apply(long.t5.params, ids, mask)) * mask[..., None]
+    np.testing.assert_allclose(bucketed.t5_tokens, full, atol=1e-5)
+    ids, mask = tokenize(long.clip_tokenizer, prompts, 77, "CLIP prompt")
+    hidden, _, pooled = long.clip_text.apply(long.clip_text.params, ids, mask)
+    np.testing.assert_allclose(bucketed.clip_pooled, np.asarray(pooled), atol=1e-5)
+    np.testing.assert_allclose(bucketed.clip_tokens, np.asarray(hidden) * mask[..., None], atol=1e-5)
     # The same prompt gives the same vectors in any batch.
     alone = enc.encode(prompts[1:])
     np.testing.assert_allclose(alone.t5_tokens[0], cond.t5_tokens[1], atol=1e-6)

@@ -97,6 +97,9 @@ def load_clip_vision(directory: str, dtype: str = "float32", mesh=None) -> Tower
     return Tower(module, params, cfg, directory)
 
 
+BUCKET = 32  # text lengths are run at multiples of this (one compile per bucket)
+
+
 class PretrainedEncoder:
     """T5 + CLIP text + CLIP vision, each optional, sized for one U-Net config."""
 
@@ -135,6 +138,20 @@ class PretrainedEncoder:
 
         return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
 
+    def _run_text(self, tower, ids, mask):
+        """The tower on the shortest length bucket (a multiple of 32) that holds every prompt's
+        tokens, its hidden states zero-padded back: exact, since keys past a prompt are masked
+        (T5: relative positions; CLIP: causal), and short captions cost a fraction of the full
+        length (0.23x at 32 of 128 tokens for T5-small, benchmarks/t5_encode.py)."""
+        length = ids.shape[1]
+        bucket = min(length, max(BUCKET, -(-int(mask.sum(1).max()) // BUCKET) * BUCKET))
+        out = tower.apply(tower.params, self._shard(ids[:, :bucket]), self._shard(mask[:, :bucket]))
+        hidden, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+        hidden = np.asarray(hidden, np.float32) * mask[:, :bucket, None]
+        padded = np.zeros(ids.shape + hidden.shape[-1:], np.float32)
+        padded[:, :bucket] = hidden
+        return (padded, *(np.asarray(r, np.float32) for r in rest))
+
     def encode(self, captions: Sequence[str], images=None) -> Conditioning:
         """float32 numpy Conditioning for `captions`; `images` (one per caption, or None to
         leave the CLIP image embedding zero) are style references."""
@@ -146,16 +163,12 @@ class PretrainedEncoder:
         parts = {}
         if self.t5 is not None:
             ids, mask = tokenize(self.t5_tokenizer, captions, m.t5_length, "T5 prompt")
-            hidden = self.t5.apply(self.t5.params, self._shard(ids), self._shard(mask))
+            parts["t5_tokens"], = self._run_text(self.t5, ids, mask)
             parts["t5_mask"] = mask.astype(np.float32)
-            parts["t5_tokens"] = np.asarray(hidden, np.float32) * parts["t5_mask"][..., None]
         if self.clip_text is not None:
             ids, mask = tokenize(self.clip_tokenizer, captions, m.clip_length, "CLIP prompt")
-            hidden, _, projected = self.clip_text.apply(self.clip_text.params, self._shard(ids),
-                                                        self._shard(mask))
+            parts["clip_tokens"], _, parts["clip_pooled"] = self._run_text(self.clip_text, ids, mask)
             parts["clip_mask"] = mask.astype(np.float32)
-            parts["clip_tokens"] = np.asarray(hidden, np.float32) * parts["clip_mask"][..., None]
-            parts["clip_pooled"] = np.asarray(projected, np.float32)
         if images is not None:
             parts["clip_image"] = self.encode_images(images)
         return out.replace(**parts)
