@@ -9,7 +9,7 @@ import pytest
 
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.highres.disperse import dispersion_matrix, structure_equations
-from ediffi_jax.highres.plans import HighResConfig, HighResPlan, level_factors, preset
+from ediffi_jax.highres.plans import HighResConfig, HighResPlan, preset
 from ediffi_jax.models.experts import unet_denoise_fn
 from ediffi_jax.models.layers import ConvSetting, conv2d, redilated_conv
 from ediffi_jax.models.unet import UNet, abstract_params, conv3x3_levels, conv_layer_paths
@@ -165,7 +165,7 @@ def test_ndcfg_with_equal_plans_is_plain_cfg_and_runs_three_evaluations():
 
 def test_each_distinct_dilation_setting_is_one_compiled_segment():
     levels = conv3x3_levels(CFG)
-    plan_obj = preset(levels, 4.0, sigma_tau=0.3, ndcfg=False)  # progressive at 4x
+    plan_obj = preset(levels, 4.0, sigma_tau=0.3, progressive=True)
     _, plan, runner, _ = _sample(plan_obj.layer_settings, steps=8)
     distinct = plan.distinct_settings()
     assert len(distinct) >= 3  # several dilation phases plus the undilated tail
@@ -181,18 +181,19 @@ def test_conv_levels_list_every_3x3_conv():
     assert set(conv3x3_levels(CFG)) == {p for p in conv_layer_paths(params) if shapes[p][0] == 3}
 
 
-def test_presets_follow_the_official_pattern():
-    assert level_factors(3, 2.0) == {1: 2.0, 2: 2.0}
-    assert level_factors(3, 4.0) == {1: 2.0, 2: 4.0}
-    assert level_factors(4, 4.0) == {1: 2.0, 2: pytest.approx(8 / 3), 3: 4.0}
+def test_presets_redilate_every_inner_level_by_the_factor():
     levels = conv3x3_levels(CFG)
-    p4 = preset(levels, 4.0, disperse=True)
-    assert p4.progressive and p4.ndcfg is not None
-    assert all(levels[p] >= 2 for p in p4.ndcfg) and p4.disperse
-    assert all(levels[p] == 2 for p in p4.disperse)
-    assert not preset(levels, 2.0).progressive and preset(levels, 2.0).ndcfg is None
-    assert all(levels[p] >= 1 for p in p4.dilation)
+    inner = {p for p, lvl in levels.items() if lvl >= 1}
+    p2, p4 = preset(levels, 2.0), preset(levels, 4.0)
+    assert p2.dilation == {p: 2.0 for p in inner} and p4.dilation == {p: 4.0 for p in inner}
+    assert p2.disperse == () and set(p4.disperse) == inner  # dispersion from 16x area on
+    assert not p4.progressive and p4.ndcfg is None
+    mild = preset(levels, 4.0, ndcfg=True).ndcfg
+    assert {mild[p] for p in inner if levels[p] == 1} == {2.0}
+    assert {mild[p] for p in inner if levels[p] == 2} == {4.0}
     assert preset(levels, 1.0) is None
+    assert HighResConfig(method="scalecrafter").plan(levels, 4.0) == p4
+    assert HighResConfig().plan(levels, 4.0) is None
 
 
 def test_plan_validation_errors():

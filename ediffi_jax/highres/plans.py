@@ -105,42 +105,32 @@ class HighResPlan:
         return fn
 
 
-def level_factors(num_levels: int, factor: float) -> dict[int, float]:
-    """Preset perception-field factors per inner level for `factor` x the training side: the
-    deepest level (and the middle block) gets `factor`, shallower inner levels taper linearly
-    to 2 (to `factor` itself below 2), the outermost level none -- the pattern of the official
-    SD/SDXL settings (2 everywhere inner at 2x; 4 deep tapering to 2 at 4x)."""
-    deepest = num_levels - 1
-    floor = min(factor, 2.0)
-    return {lvl: max(floor, factor * lvl / deepest) for lvl in range(1, num_levels)}
-
-
 def preset(levels: Mapping[str, int], factor: float, *, sigma_tau: float | None = None,
-           progressive: bool | None = None, disperse: bool = False,
+           progressive: bool | None = None, disperse: bool | None = None,
            ndcfg: bool | None = None) -> HighResPlan | None:
     """The project's ScaleCrafter plan for a U-Net (its `conv3x3_levels`) at `factor` x its
-    training side. Defaults by factor: progressive and NDCFG from 4x side (16x area) on, as the
-    official 16x configs; dispersion (deepest level) only when asked. None below factor 1.25."""
+    training side: every inner level's 3x3 convs re-dilated by `factor`, none at the outermost
+    level, active while sigma >= sigma_tau (default 1.0). Dispersion (all re-dilated layers) is
+    on from 4x side (16x area), progressive and NDCFG off unless asked: the choices measured best
+    on the project's U-Net (BENCHMARKS.md), where the official SD configs taper the factor to 2
+    towards the outer decoder levels and schedule it progressively. NDCFG's milder plan halves
+    the factor at the outermost re-dilated level. None below factor 1.25 (direct sampling)."""
     if factor < 1.25:
         return None
     num_levels = max(levels.values()) + 1
     if num_levels < 2:
         raise ValueError("a U-Net with one level has no inner level to re-dilate")
+    dilation = {p: float(factor) for p, lvl in levels.items() if lvl >= 1}
     big = factor >= 4 - 1e-9
-    per_level = level_factors(num_levels, factor)
-    dilation = {p: per_level[lvl] for p, lvl in levels.items() if lvl >= 1}
-    deepest = num_levels - 1
-    dispersed = tuple(p for p, lvl in levels.items()
-                      if disperse and lvl == deepest and dilation[p] >= 2)
+    dispersed = tuple(sorted(dilation)) if (big if disperse is None else disperse) else ()
     mild = None
-    if (big if ndcfg is None else ndcfg):
-        # The milder plan drops the outermost re-dilated level (the official ndcfg sets do).
-        mild = {p: pf for p, pf in dilation.items() if levels[p] >= 2} if num_levels > 2 else {}
+    if ndcfg:
+        mild = {p: (max(1.0, pf / 2) if levels[p] == 1 else pf) for p, pf in dilation.items()}
     return HighResPlan(
         dilation=dilation,
         sigma_tau=(1.0 if sigma_tau is None else sigma_tau),
-        progressive=big if progressive is None else progressive,
-        disperse=dispersed,
+        progressive=bool(progressive),
+        disperse=dispersed if factor >= 2 else (),
         ndcfg=mild,
     )
 
@@ -151,13 +141,14 @@ class HighResConfig:
 
     method: "none" (direct sampling) or "scalecrafter". The preset for the output size is used
     unless `dilation` (conv path -> factor) gives a plan; `ndcfg_dilation` likewise gives NDCFG's
-    milder plan. progressive / ndcfg: None takes the preset's default for the factor.
+    milder plan. progressive / disperse / ndcfg: None takes the preset's default for the factor
+    (a user plan: off).
     """
 
     method: str = "none"
     sigma_tau: float = 1.0
     progressive: bool | None = None
-    disperse: bool = False
+    disperse: bool | None = None
     disperse_sigma: float | None = None
     ndcfg: bool | None = None
     ndcfg_sigma: float | None = None
