@@ -25,7 +25,9 @@ from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
-from ediffi_jax.models.unet import UNet, conv3x3_levels
+from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
+from ediffi_jax.paint.bias import PaintSettings
+from ediffi_jax.paint.masks import paint_conditioning
 from train.checkpoint import Checkpointer
 from train.trainer import RunSpec, load_params, parse_run
 
@@ -81,35 +83,59 @@ def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, 
              sampling: SamplingConfig | None = None, resolution: int | None = None,
              first_index: int = 0, runner: PlanRunner | None = None,
              conditioner=None, style_images=None,
-             highres: HighResConfig | None = None) -> np.ndarray:
+             highres: HighResConfig | None = None, paint: Paint | None = None) -> np.ndarray:
     """One image per prompt (uint8 [N, H, W, 3]); example i of the run is prompt i. Prompts
     are encoded by `conditioner` (default: the run's encoders); `style_images` (one per
     prompt) give the CLIP image embedding; `highres` applies at a `resolution` past the
-    training one (ScaleCrafter)."""
+    training one (ScaleCrafter); `paint` gives phrase masks (paint-with-words)."""
     model = run.stage.model
     sampling = sampling or run.stage.sampling
     res = resolution or model.resolution
     conditioner = conditioner or make_conditioner(run.encoders, model)
     cond = conditioner.encode(list(prompts), style_images)
+    if paint is not None:
+        cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
     cond = jax.tree.map(jnp.asarray, cond)
     runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
-    plan = sampling_plan(model, ensemble, sampling, res, highres)
+    plan = sampling_plan(model, ensemble, sampling, res, highres,
+                         paint.settings if paint is not None else None)
     images = runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
                            example_indices=np.arange(first_index, first_index + len(prompts)),
                            cond=cond, uncond=cond.unconditional())
     return to_uint8(images)
 
 
+@dataclasses.dataclass(frozen=True)
+class Paint:
+    """Paint-with-words for a sampling call: phrase masks at the output size, the global
+    strength w' and the static settings (weight function, layers)."""
+
+    masks: tuple
+    scale: float = 1.0
+    settings: PaintSettings = PaintSettings()
+
+    def check(self, model) -> None:
+        known = attention_block_names(model)
+        unknown = [name for name in self.settings.layers if name not in known]
+        if unknown:
+            raise ConfigError(f"paint layers {unknown} are not attention blocks of this U-Net "
+                              f"(it has {list(known)})")
+
+    def conditioning(self, conditioner, model, prompts) -> np.ndarray:
+        self.check(model)
+        return paint_conditioning(conditioner, model, prompts, self.masks, self.scale)
+
+
 def sampling_plan(model, ensemble: ExpertEnsemble, sampling: SamplingConfig, resolution: int,
-                  highres: HighResConfig | None = None):
+                  highres: HighResConfig | None = None, paint: PaintSettings | None = None):
     """The segment plan: experts by noise interval, plus the ScaleCrafter schedule when
-    `highres` asks for it at this resolution."""
+    `highres` asks for it at this resolution, and paint-with-words when `paint` is set."""
     plan = highres.plan(conv3x3_levels(model), resolution / model.resolution) if highres else None
     if plan is None:
-        return sampling.plan(ensemble.intervals)
+        return sampling.plan(ensemble.intervals, paint=paint)
     sigmas = sampling.sigmas()
     return sampling.plan(ensemble.intervals, plan.layer_settings(sigmas),
-                         plan.uncond_layer_settings(sigmas))
+                         plan.uncond_layer_settings(sigmas), paint=paint)
 
 
 def sampling_with_overrides(run: RunSpec, overrides: Sequence[str]) -> SamplingConfig:
@@ -135,3 +161,17 @@ def grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
         r, col = divmod(i, columns)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     return out
+
+
+_OVERLAY_COLOURS = np.array([(255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0),
+                             (220, 64, 255), (0, 220, 220)], np.float32)
+
+
+def mask_overlay(image: np.ndarray, masks) -> np.ndarray:
+    """The image beside itself with each phrase's mask tinted over it (paint-with-words)."""
+    tinted = image.astype(np.float32)
+    for i, m in enumerate(masks):
+        alpha = 0.5 * np.clip(m.mask, 0, 1)[..., None]
+        tinted = tinted * (1 - alpha) + _OVERLAY_COLOURS[i % len(_OVERLAY_COLOURS)] * alpha
+    gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
+    return np.concatenate([image, gap, tinted.astype(np.uint8)], axis=1)

@@ -144,3 +144,31 @@ def test_damaged_or_mismatched_export_is_a_clear_error(runs, tmp_path, monkeypat
         write_export(str(runs / "shared"), str(out))
     assert (out / "params.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["exp"]  # no temporary directory left behind
+
+
+def test_sampling_cli_paints_words_and_samples_past_the_training_size(runs, tmp_path, capsys):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    out = tmp_path / "painted"
+    common = ["--ensemble", str(runs / "shared"), "--prompt", "a red circle", "--num", "1",
+              "--config.sampling.num_steps=2"]
+    assert sample_main(common + ["--out", str(out), "--paint-mask",
+                                 f"red circle={tmp_path / 'left.png'}:0.5"]) == 0
+    assert "paint-with-words (std)" in capsys.readouterr().out
+    overlay = np.asarray(Image.open(out / "0000_a_red_circle_masks.png"))
+    assert overlay.shape == (16, 2 * 16 + 2, 3)
+    # A phrase that is not in the prompt fails before sampling, showing the prompt's tokens.
+    assert sample_main(common + ["--out", str(tmp_path / "bad"), "--paint-mask",
+                                 f"blue square={tmp_path / 'left.png'}"]) == 2
+    err = capsys.readouterr().err
+    assert "'blue square' is not in the prompt" in err and "'red', 'circle'" in err
+    assert not os.path.exists(tmp_path / "bad")
+    # Twice the training side with ScaleCrafter's preset: the plan re-dilates, the images are 32.
+    big = tmp_path / "big"
+    assert sample_main(common + ["--out", str(big), "--resolution", "32", "--highres",
+                                 "scalecrafter"]) == 0
+    assert "layers [d2 x" in capsys.readouterr().out
+    assert np.asarray(Image.open(big / "0000_a_red_circle.png")).shape == (32, 32, 3)
+    assert sample_main(common + ["--out", str(tmp_path / "odd"), "--resolution", "31"]) == 2
+    assert "cannot be halved" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from ediffi_jax.config import ConfigError, section, to_dict
 from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
 from ediffi_jax.diffusion.edm import LogNormalSigma
 from ediffi_jax.encoders.conditioner import EncodersConfig, make_conditioner
-from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
@@ -145,15 +145,14 @@ class _Batches:
     def next(self) -> dict:
         batch = next(self.iterator)
         if "cond" in batch:
-            cond = Conditioning(**{f.name: np.asarray(batch["cond"][f.name], np.float32)
-                                   for f in dataclasses.fields(Conditioning)})
+            cond = Conditioning(**{f: np.asarray(batch["cond"][f], np.float32) for f in FIELDS})
         else:
             captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
             cond = self.encoder.encode(captions)
         host = {
             "image": (np.asarray(batch["image"], np.float32) / 127.5 - 1.0),
             "index": np.asarray(batch["index"], np.int32),
-            "cond": {f.name: getattr(cond, f.name) for f in dataclasses.fields(Conditioning)},
+            "cond": {f: getattr(cond, f) for f in FIELDS},
         }
         arrays = to_global_arrays(host, self.mesh)
         arrays["cond"] = Conditioning(**arrays["cond"])

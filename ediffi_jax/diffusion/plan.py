@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class SegmentSettings:
     stochastic: bool = False
     layers: tuple = ()
     uncond_layers: tuple | None = None
+    paint: Any = None  # paint-with-words settings (paint/bias.py PaintSettings) or None
 
     def summary(self) -> str:
         """One line: sampler, guidance, churn, and per-layer overrides counted by setting."""
@@ -55,6 +56,8 @@ class SegmentSettings:
             parts.append(f"layers [{count(self.layers)}]")
         if self.uncond_layers is not None:
             parts.append(f"ndcfg base [{count(self.uncond_layers)}]")
+        if self.paint is not None:
+            parts.append(f"paint-with-words ({self.paint.weight})")
         return " ".join(parts)
 
 
@@ -126,6 +129,7 @@ def build_plan(
     s_noise: float = 1.0,
     layer_settings: Callable[[int, float], tuple] | None = None,
     uncond_layer_settings: Callable[[int, float], tuple | None] | None = None,
+    paint: Any = None,
     p_mean: float = P_MEAN,
     p_std: float = P_STD,
 ) -> Plan:
@@ -137,6 +141,7 @@ def build_plan(
       schedule plugs in here); steps with different settings land in different segments.
     uncond_layer_settings: (step index, sigma) -> the settings of noise-damped CFG's
       unconditional base term, or None for plain CFG at that step.
+    paint: paint-with-words settings for every step (the masks themselves are conditioning data).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -169,6 +174,7 @@ def build_plan(
             use_cfg=scale != 1.0,
             stochastic=bool(gammas[i] > 0),
             layers=tuple(layer_settings(i, float(sigmas[i]))) if layer_settings else (),
+            paint=paint,
         )
         mild = uncond_layer_settings(i, float(sigmas[i])) if uncond_layer_settings else None
         if mild is not None and settings.use_cfg:
@@ -212,9 +218,10 @@ class SamplingConfig:
         return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
 
     def plan(self, intervals: Sequence[ExpertInterval] = SINGLE, layer_settings=None,
-             uncond_layer_settings=None) -> Plan:
+             uncond_layer_settings=None, paint=None) -> Plan:
         return build_plan(
             self.sigmas(), intervals, sampler=self.sampler, guidance_scale=self.guidance_scale,
             s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
             layer_settings=layer_settings, uncond_layer_settings=uncond_layer_settings,
+            paint=paint,
         )

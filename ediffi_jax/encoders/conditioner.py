@@ -173,6 +173,29 @@ class PretrainedEncoder:
             parts["clip_image"] = self.encode_images(images)
         return out.replace(**parts)
 
+    def token_streams(self, prompt: str):
+        """The prompt's tokens in each present stream, with their context offsets (T5 tokens
+        first, then CLIP's), as `encode` feeds them (paint-with-words maps phrases onto them)."""
+        from ediffi_jax.paint.masks import TokenStream
+
+        m, out = self.model, []
+        for name, tok, length, offset, present in (
+                ("t5", self.t5_tokenizer, m.t5_length, 0, self.t5),
+                ("clip", self.clip_tokenizer, m.clip_length, m.t5_length, self.clip_text)):
+            if present is None:
+                continue
+            ids, mask = tokenize(tok, [prompt], length, f"{name} prompt")
+            ids = tuple(int(i) for i in ids[0, : int(mask[0].sum())])
+            out.append(TokenStream(name, offset, tuple(tok.convert_ids_to_tokens(list(ids))), ids))
+        return out
+
+    def phrase_tokens(self, stream: str, phrase: str):
+        from ediffi_jax.paint.masks import TokenStream
+
+        tok = self.t5_tokenizer if stream == "t5" else self.clip_tokenizer
+        ids = tuple(tok(phrase, add_special_tokens=False)["input_ids"])
+        return TokenStream(stream, 0, tuple(tok.convert_ids_to_tokens(list(ids))), ids)
+
     def encode_images(self, images) -> np.ndarray:
         """[N, clip_image_dim] projected CLIP image embeddings of style images."""
         if self.clip_vision is None:

@@ -50,6 +50,21 @@ class WordEncoder:
             mask[i] = 1.0
         return tokens, mask
 
+    def token_streams(self, prompt: str):
+        """The prompt's words as the T5-like and CLIP-like streams see them (paint-with-words)."""
+        from ediffi_jax.paint.masks import TokenStream
+
+        words = tuple(_WORD.findall(prompt.lower()))
+        return [TokenStream("t5", 0, words[: self.t5_length], words[: self.t5_length]),
+                TokenStream("clip", self.t5_length, words[: self.clip_length],
+                            words[: self.clip_length])]
+
+    def phrase_tokens(self, stream: str, phrase: str):
+        from ediffi_jax.paint.masks import TokenStream
+
+        words = tuple(_WORD.findall(phrase.lower()))
+        return TokenStream(stream, 0, words, words)
+
     def encode(self, captions: Sequence[str], images=None) -> Conditioning:
         """Captions -> Conditioning (numpy arrays; the CLIP image embedding is zeros)."""
         if images is not None:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 PARTS = ("t5", "clip_text", "clip_image")
+FIELDS = ("t5_tokens", "t5_mask", "clip_tokens", "clip_mask", "clip_pooled", "clip_image")
 
 
 @flax.struct.dataclass
@@ -22,6 +23,9 @@ class Conditioning:
     clip_mask: jax.Array  # [B, L_clip]
     clip_pooled: jax.Array  # [B, D_pooled]
     clip_image: jax.Array  # [B, D_image]
+    # Paint-with-words (sampling only): per context token, the strength-weighted phrase mask
+    # [B, L_t5 + L_clip + 2, H_mask, W_mask]; zeros in the unconditional branch. None: off.
+    paint: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:

@@ -51,7 +51,8 @@ def unet_denoise_fn(unet: UNet):
         if conv_settings:
             check_conv_settings(params, conv_settings)
         network = lambda x_in, c_noise, cond: unet.apply(  # noqa: E731
-            {"params": params}, x_in, c_noise, cond, conv_settings=conv_settings
+            {"params": params}, x_in, c_noise, cond, conv_settings=conv_settings,
+            paint=settings.paint,
         )
         return edm.denoise(network, x, sigma, cond)
 

@@ -192,14 +192,15 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def attention(q, k, v, *, key_mask=None, mask=None, bias=None, scale: float | None = None,
-              implementation: str = "xla"):
+def attention(q, k, v, *, key_mask=None, mask=None, bias=None, bias_fn=None,
+              scale: float | None = None, implementation: str = "xla"):
     """softmax((Q K^T + bias) * scale) V over heads; scale defaults to 1/sqrt(d).
 
     q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; key_mask: [B, Nk] (True/1 = attend); mask: boolean,
     broadcastable to [B, H, Nq, Nk] (a causal mask); bias: additive logits before the scaling,
     broadcastable to [B, H, Nq, Nk] (paint-with-words adds w * A here; T5 its position bias,
-    with scale 1). Softmax in float32.
+    with scale 1); bias_fn: logits Q K^T [B, H, Nq, Nk] (before scaling) -> a bias to add,
+    for biases that depend on the logits (paint-with-words). Softmax in float32.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -209,14 +210,20 @@ def attention(q, k, v, *, key_mask=None, mask=None, bias=None, scale: float | No
     if key_mask is not None:
         keys = key_mask.astype(bool)[:, None, None, :]
         mask = keys if mask is None else jnp.logical_and(mask, keys)
+    qk = lambda: jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # noqa: E731
     if implementation != "xla":
+        if bias_fn is not None:
+            extra = bias_fn(qk())
+            bias = extra if bias is None else bias + extra
         return jax.nn.dot_product_attention(
             q, k, v,
             bias=None if bias is None else (bias * scale).astype(q.dtype),
             mask=mask, scale=scale,
             implementation=None if implementation == "auto" else implementation,
         )
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = qk()
+    if bias_fn is not None:
+        bias = bias_fn(logits) if bias is None else bias + bias_fn(logits)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     logits = logits * scale

@@ -19,6 +19,7 @@ from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.paint.bias import PaintSettings, bias_fn as paint_bias_fn
 from ediffi_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS, Conv, ConvSetting, ConvSettings, Dense, GroupNorm, attention,
 )
@@ -143,7 +144,7 @@ class AttentionBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, context_mask, cross_bias=None):
+    def __call__(self, x, context, context_mask, cross_bias_fn=None):
         b, hgt, wid, c = x.shape
         heads = max(1, c // self.head_dim)
         d = c // heads
@@ -163,7 +164,8 @@ class AttentionBlock(nn.Module):
         kv = Dense(2 * c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
                    name="cross_kv")(context)
         k, v = (split(t) for t in jnp.split(kv, 2, axis=-1))
-        o = attention(q, k, v, key_mask=context_mask, bias=cross_bias,
+        bias_fn = cross_bias_fn(hgt, wid) if cross_bias_fn is not None else None
+        o = attention(q, k, v, key_mask=context_mask, bias_fn=bias_fn,
                       implementation=self.implementation).reshape(b, hgt * wid, c)
         return x + Dense(c, names=("heads", "embed"), zero_init=True, dtype=self.dtype,
                          name="cross_out")(o).reshape(x.shape)
@@ -211,7 +213,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, c_noise, cond: Conditioning, *, conv_settings: ConvSettings | None = None,
-                 train: bool = False):
+                 paint: PaintSettings | None = None, train: bool = False):
+        """`paint`: the static paint-with-words settings, used when cond.paint holds masks."""
         cfg = self.config
         dtype = cfg.compute_dtype
         levels = len(cfg.channel_mult)
@@ -232,7 +235,19 @@ class UNet(nn.Module):
         res_cls = nn.remat(ResBlock, static_argnums=(3, 4)) if cfg.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
         res = lambda ch, name: res_cls(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
-        attn = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
+        attn_block = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
+        painting = cond.paint is not None and paint is not None
+        if cond.paint is not None and paint is None:
+            raise ValueError("cond.paint holds paint-with-words masks but no PaintSettings given")
+        if painting:
+            sigma = jnp.exp(4.0 * c_noise.astype(jnp.float32))  # c_noise = ln(sigma) / 4
+
+        def attn(name):
+            block = attn_block(name)
+            if not (painting and paint.applies_to(name)):
+                return block
+            return lambda h, context, mask: block(h, context, mask, functools.partial(
+                paint_bias_fn, cond.paint, sigma, mask, weight=paint.weight))
         constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "act_channels"))  # noqa: E731
 
         h = Conv(cfg.channels, dtype=dtype, name="conv_in")(x.astype(dtype), conv_settings)
@@ -302,6 +317,17 @@ def conv3x3_levels(config: UNetConfig) -> dict[str, int]:
     for i in range(2):
         out[f"mid_res{i}/conv1"] = out[f"mid_res{i}/conv2"] = levels - 1
     return out
+
+
+def attention_block_names(config: UNetConfig) -> tuple[str, ...]:
+    """The U-Net's attention blocks (self- then cross-attention), input to output."""
+    levels = len(config.channel_mult)
+    names = [f"down{lvl}_attn{i}" for lvl in range(levels) if lvl in config.attention_levels
+             for i in range(config.num_res_blocks)]
+    names.append("mid_attn")
+    names += [f"up{lvl}_attn{i}" for lvl in reversed(range(levels)) if lvl in config.attention_levels
+              for i in range(config.num_res_blocks + 1)]
+    return tuple(names)
 
 
 def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:
