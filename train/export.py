@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -47,6 +46,7 @@ def write_export(workdir: str, out: str, dtype: str = "float32", step: int | Non
     a temporary directory renamed into place, an existing `out` replaced only on success)."""
     from safetensors.numpy import save_file
 
+    from ediffi_jax.atomic import atomic_directory
     from sample.generate import run_config
     from train.trainer import load_params
 
@@ -59,20 +59,12 @@ def write_export(workdir: str, out: str, dtype: str = "float32", step: int | Non
     if bad:
         raise ValueError(f"{workdir} step {saved_step}: non-finite EMA params in {bad[:3]}")
     flat = _cast(flat, dtype)
-    tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(out) as tmp:
         save_file(flat, os.path.join(tmp, PARAMS_FILE),
                   metadata={"format": "ediffi-jax", "step": str(saved_step),
                             "source": os.path.abspath(workdir), "dtype": dtype})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

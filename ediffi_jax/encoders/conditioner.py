@@ -59,42 +59,40 @@ class Tower:
         self.apply = jax.jit(lambda p, *args: self.module.apply({"params": p}, *args))
 
 
-def _load(module, names, directory, example_args, mesh):
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args)["params"])
-    abstract = nn.meta.unbox(boxed)
+def _load_tower(directory, config_cls, module_cls, hf_names, example_args, dtype, mesh) -> Tower:
+    """Read config.json, build the module, load its params (sharded over `mesh` if given)."""
+    cfg = config_cls.from_hf(hf.read_config(directory), dtype=dtype)
+    module = module_cls(cfg)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(cfg))["params"])
     shardings = None
     if mesh is not None:
         from ediffi_jax.parallel.mesh import logical_shardings
 
         shardings = logical_shardings(boxed, mesh)
-    params = hf.load(directory, names, abstract, shardings)
+    params = hf.load(directory, hf_names(cfg), nn.meta.unbox(boxed), shardings)
     if shardings is None:
         params = jax.tree.map(jnp.asarray, params)
-    return params
+    return Tower(module, params, cfg, directory)
+
+
+def _text_args(cfg):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return ids, ids
 
 
 def load_t5(directory: str, dtype: str = "float32", mesh=None) -> Tower:
-    cfg = t5.T5Config.from_hf(hf.read_config(directory), dtype=dtype)
-    module = t5.T5Encoder(cfg)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = _load(module, t5.hf_names(cfg), directory, (ids, ids), mesh)
-    return Tower(module, params, cfg, directory)
+    return _load_tower(directory, t5.T5Config, t5.T5Encoder, t5.hf_names, _text_args, dtype, mesh)
 
 
 def load_clip_text(directory: str, dtype: str = "float32", mesh=None) -> Tower:
-    cfg = clip.CLIPTextConfig.from_hf(hf.read_config(directory), dtype=dtype)
-    module = clip.CLIPTextTower(cfg)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = _load(module, clip.text_hf_names(cfg), directory, (ids, ids), mesh)
-    return Tower(module, params, cfg, directory)
+    return _load_tower(directory, clip.CLIPTextConfig, clip.CLIPTextTower, clip.text_hf_names,
+                       _text_args, dtype, mesh)
 
 
 def load_clip_vision(directory: str, dtype: str = "float32", mesh=None) -> Tower:
-    cfg = clip.CLIPVisionConfig.from_hf(hf.read_config(directory), dtype=dtype)
-    module = clip.CLIPVisionTower(cfg)
-    x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    params = _load(module, clip.vision_hf_names(cfg), directory, (x,), mesh)
-    return Tower(module, params, cfg, directory)
+    pixels = lambda cfg: (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)),)  # noqa: E731
+    return _load_tower(directory, clip.CLIPVisionConfig, clip.CLIPVisionTower,
+                       clip.vision_hf_names, pixels, dtype, mesh)
 
 
 BUCKET = 32  # text lengths are run at multiples of this (one compile per bucket)

@@ -138,22 +138,14 @@ def save(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
          extra_files: Mapping[str, str | bytes] | None = None) -> None:
     """Write config.json + model.safetensors (+ files such as the tokenizer's), atomically:
     a temporary directory renamed into place."""
-    import shutil
-
     from safetensors.numpy import save_file
 
-    tmp = f"{directory.rstrip('/')}.tmp.{os.getpid()}"
-    os.makedirs(tmp)
-    try:
+    from ediffi_jax.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
         save_file(dict(tensors), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
                 f.write(content)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

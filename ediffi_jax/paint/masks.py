@@ -185,10 +185,15 @@ def token_masks(masks: Sequence[PhraseMask], streams: Sequence[TokenStream], phr
     return out
 
 
-def paint_conditioning(conditioner, model, prompts: Sequence[str], masks: Sequence[PhraseMask],
-                       scale: float = 1.0) -> np.ndarray:
-    """Conditioning.paint for a batch of prompts (the same masks for each): [B, H, W, L] with
-    L = t5_length + clip_length + 2 (the image and null tokens get no mask)."""
+def paint_conditioning(conditioner, model, prompts: Sequence[str], masks, scale: float = 1.0
+                       ) -> np.ndarray:
+    """Conditioning.paint for a batch of prompts: [B, H, W, L] with L = t5_length +
+    clip_length + 2 (the image and null tokens get no mask). `masks`: PhraseMasks shared by
+    every prompt, or one sequence of PhraseMasks per prompt."""
+    per_prompt = bool(masks) and not isinstance(masks[0], PhraseMask)
+    if per_prompt and len(masks) != len(prompts):
+        raise PaintError(f"{len(masks)} mask sets for {len(prompts)} prompts")
     length = model.t5_length + model.clip_length + 2
-    return np.stack([token_masks(masks, conditioner.token_streams(p), conditioner.phrase_tokens,
-                                 length, p, scale) for p in prompts])
+    return np.stack([token_masks(masks[i] if per_prompt else masks, conditioner.token_streams(p),
+                                 conditioner.phrase_tokens, length, p, scale)
+                     for i, p in enumerate(prompts)])

@@ -1,0 +1,22 @@
+"""Write a directory so that readers see the old one or the complete new one, never half."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Yields a temporary sibling directory to fill; on success it replaces `path` (an
+    existing one is removed only then), on any error it is deleted and `path` is untouched."""
+    tmp = f"{path.rstrip('/')}.tmp.{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
