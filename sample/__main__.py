@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--paint-scale", type=float, default=1.0, help="global paint strength w'")
     p.add_argument("--paint-weight", default="std", help="max (the paper), std or std_sq")
     p.add_argument("--paint-layers", default="", help="comma-separated attention blocks (all)")
+    p.add_argument("--style-image", help="a reference image: its CLIP image embedding conditions "
+                   "every sample (needs encoders.clip_vision); its own guidance scale is "
+                   "sampling.style_guidance_scale (default: guided with the text)")
     args = p.parse_args(rest)
     configure_cpu_host()
 
@@ -67,6 +70,12 @@ def main(argv=None) -> int:
         conditioner = make_conditioner(run.encoders, model)
         if paint is not None:  # every phrase in every prompt: checked before any sampling
             paint.conditioning(conditioner, model, args.prompt)
+        style = None
+        if args.style_image:
+            style = np.asarray(Image.open(args.style_image).convert("RGB"))
+            if getattr(conditioner, "clip_vision", None) is None:
+                raise ConfigError("--style-image needs a CLIP vision tower: this run's "
+                                  "encoders.clip_vision is not set")
         plan = sampling_plan(model, ensemble, sampling, resolution, highres,
                              paint.settings if paint else None)
     except (ConfigError, ValueError, OSError) as e:
@@ -75,7 +84,8 @@ def main(argv=None) -> int:
     print(f"{len(ensemble)} expert(s) at {resolution}x{resolution}; plan:\n{plan.describe()}")
     images = generate(run, ensemble, prompts, seed=args.seed, sampling=sampling,
                       resolution=resolution, highres=highres, paint=paint,
-                      conditioner=conditioner)
+                      conditioner=conditioner,
+                      style_images=[style] * len(prompts) if style is not None else None)
     os.makedirs(args.out, exist_ok=True)
     for i, (prompt, img) in enumerate(zip(prompts, images)):
         name = f"{i:04d}_{'_'.join(prompt.split())[:60]}"

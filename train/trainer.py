@@ -148,7 +148,9 @@ class _Batches:
             cond = Conditioning(**{f: np.asarray(batch["cond"][f], np.float32) for f in FIELDS})
         else:
             captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
-            cond = self.encoder.encode(captions)
+            # A CLIP image tower embeds each training image (eDiff-I's style path; dropped 90%).
+            images = list(batch["image"]) if getattr(self.encoder, "clip_vision", None) else None
+            cond = self.encoder.encode(captions, images)
         host = {
             "image": (np.asarray(batch["image"], np.float32) / 127.5 - 1.0),
             "index": np.asarray(batch["index"], np.int32),

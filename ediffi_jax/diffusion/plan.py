@@ -40,6 +40,7 @@ class SegmentSettings:
     layers: tuple = ()
     uncond_layers: tuple | None = None
     paint: Any = None  # paint-with-words settings (paint/bias.py PaintSettings) or None
+    style_cfg: bool = False  # a separate guidance scale for the style (CLIP image) condition
 
     def summary(self) -> str:
         """One line: sampler, guidance, churn, and per-layer overrides counted by setting."""
@@ -58,6 +59,8 @@ class SegmentSettings:
             parts.append(f"ndcfg base [{count(self.uncond_layers)}]")
         if self.paint is not None:
             parts.append(f"paint-with-words ({self.paint.weight})")
+        if self.style_cfg:
+            parts.append("style cfg")
         return " ".join(parts)
 
 
@@ -68,6 +71,7 @@ class Segment:
     experts: tuple[int, int]  # expert evaluating the first / the second denoiser call of a step
     guidance_scale: float
     settings: SegmentSettings
+    style_scale: float = 0.0  # with settings.style_cfg: the style condition's guidance scale
 
     @property
     def num_steps(self) -> int:
@@ -94,7 +98,8 @@ class Plan:
             lines.append(
                 f"steps [{s.start:3d}, {s.stop:3d})  sigma {self.sigmas[s.start]:9.4g} -> "
                 f"{self.sigmas[s.stop]:9.4g}  experts {s.experts}  w={s.guidance_scale:g}  "
-                f"{s.settings.summary()}"
+                + (f"w_style={s.style_scale:g}  " if s.settings.style_cfg else "")
+                + s.settings.summary()
             )
         return "\n".join(lines)
 
@@ -130,6 +135,7 @@ def build_plan(
     layer_settings: Callable[[int, float], tuple] | None = None,
     uncond_layer_settings: Callable[[int, float], tuple | None] | None = None,
     paint: Any = None,
+    style_guidance_scale: float | None = None,
     p_mean: float = P_MEAN,
     p_std: float = P_STD,
 ) -> Plan:
@@ -142,6 +148,9 @@ def build_plan(
     uncond_layer_settings: (step index, sigma) -> the settings of noise-damped CFG's
       unconditional base term, or None for plain CFG at that step.
     paint: paint-with-words settings for every step (the masks themselves are conditioning data).
+    style_guidance_scale: a separate scale for the style condition (the CLIP image embedding):
+      D = D(none) + w (D(text) - D(none)) + w_style (D(text, style) - D(text)), three branches
+      in one batched call; None guides text and style together with w.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -175,8 +184,11 @@ def build_plan(
             stochastic=bool(gammas[i] > 0),
             layers=tuple(layer_settings(i, float(sigmas[i]))) if layer_settings else (),
             paint=paint,
+            style_cfg=style_guidance_scale is not None and scale != 1.0,
         )
         mild = uncond_layer_settings(i, float(sigmas[i])) if uncond_layer_settings else None
+        if mild is not None and settings.style_cfg:
+            raise ValueError("noise-damped CFG and a separate style guidance scale do not combine")
         if mild is not None and settings.use_cfg:
             settings = dataclasses.replace(settings, uncond_layers=tuple(mild))
         steps.append((experts, scale, settings))
@@ -186,7 +198,8 @@ def build_plan(
     for i in range(1, len(steps) + 1):
         if i == len(steps) or steps[i] != steps[start]:
             experts, scale, settings = steps[start]
-            segments.append(Segment(start, i, experts, scale, settings))
+            segments.append(Segment(start, i, experts, scale, settings,
+                                    float(style_guidance_scale or 0.0)))
             start = i
     return Plan(sigmas=sigmas, gammas=gammas, s_noise=float(s_noise), segments=tuple(segments))
 
@@ -205,6 +218,7 @@ class SamplingConfig:
     s_tmin: float = 0.0
     s_tmax: float = 1e9
     s_noise: float = 1.0
+    style_guidance_scale: float | None = None  # None: the style image is guided with the text
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -223,5 +237,5 @@ class SamplingConfig:
             self.sigmas(), intervals, sampler=self.sampler, guidance_scale=self.guidance_scale,
             s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
             layer_settings=layer_settings, uncond_layer_settings=uncond_layer_settings,
-            paint=paint,
+            paint=paint, style_guidance_scale=self.style_guidance_scale,
         )

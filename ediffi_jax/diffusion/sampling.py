@@ -92,7 +92,7 @@ class PlanRunner:
 
     def _segment_loop(
         self, params_first, params_second, state, sigmas, gammas, s_noise, start, stop, scale,
-        cond, uncond, keys, *, settings: SegmentSettings,
+        style_scale, cond, uncond, cond_text, keys, *, settings: SegmentSettings,
     ):
         self.trace_count += 1
         expert_params = (params_first, params_second)
@@ -106,7 +106,8 @@ class PlanRunner:
         def denoise(which, x, sigma):
             return guided_denoise(
                 fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg,
-                base_fn=base_fn,
+                base_fn=base_fn, cond_text=cond_text if settings.style_cfg else None,
+                style_scale=style_scale,
             )
 
         body = lambda i, st: _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)  # noqa: E731
@@ -127,8 +128,13 @@ class PlanRunner:
         uncond: Any,
         keys: jax.Array,
         x: jax.Array,
+        cond_text: Any = None,
     ) -> jax.Array:
-        """Integrate from x (already at sigma_max scale) through every segment of the plan."""
+        """Integrate from x (already at sigma_max scale) through every segment of the plan.
+        `cond_text` (cond without its style embedding) is needed by style-guided segments."""
+        if cond_text is None and any(s.settings.style_cfg for s in plan.segments):
+            raise ValueError("the plan guides style separately: give cond_text (cond without "
+                             "the style embedding)")
         sigmas = jnp.asarray(plan.sigmas, jnp.float32)
         gammas = jnp.asarray(plan.gammas, jnp.float32)
         # A fresh buffer: the loops donate their state, the caller keeps x.
@@ -145,8 +151,10 @@ class PlanRunner:
                 jnp.int32(seg.start),
                 jnp.int32(seg.stop),
                 jnp.float32(seg.guidance_scale),
+                jnp.float32(seg.style_scale),
                 cond,
                 uncond,
+                cond_text if seg.settings.style_cfg else None,
                 keys,
             )
         return state.x
@@ -162,6 +170,7 @@ class PlanRunner:
         cond: Any = None,
         uncond: Any = None,
         batch_sharding: jax.sharding.Sharding | None = None,
+        cond_text: Any = None,
     ) -> jax.Array:
         """Draw the examples `example_indices` of run `seed`: initial noise, then the plan.
         `shape` is one example's shape (e.g. [H, W, C]); `batch_sharding` places the batch
@@ -171,4 +180,4 @@ class PlanRunner:
             indices = jax.device_put(indices, batch_sharding)
         keys = example_keys(seed, indices)
         x = initial_noise(keys, tuple(shape), float(plan.sigmas[0]))
-        return self.run(plan, expert_params, cond, uncond, keys, x)
+        return self.run(plan, expert_params, cond, uncond, keys, x, cond_text)

@@ -111,6 +111,8 @@ class PretrainedEncoder:
                             if cfg.clip_vision else None)
         self.t5_tokenizer = load_tokenizer(cfg.t5) if cfg.t5 else None
         self.clip_tokenizer = clip_tokenizer(cfg.clip_text) if cfg.clip_text else None
+        # No text encoder at all (a CLIP image tower alone): the word vectors give the text.
+        self.words = None if (cfg.t5 or cfg.clip_text) else WordEncoder.for_model(model)
         checks = []
         if self.t5:
             checks.append(("model.t5_dim", model.t5_dim, "encoders.t5 d_model", self.t5.config.d_model))
@@ -158,6 +160,8 @@ class PretrainedEncoder:
                                  clip_length=m.clip_length, clip_dim=m.clip_dim,
                                  clip_pooled_dim=m.clip_pooled_dim, clip_image_dim=m.clip_image_dim)
         out = jax.tree.map(np.asarray, out)
+        if self.words is not None:
+            out = self.words.encode(captions)
         parts = {}
         if self.t5 is not None:
             ids, mask = tokenize(self.t5_tokenizer, captions, m.t5_length, "T5 prompt")
@@ -176,6 +180,8 @@ class PretrainedEncoder:
         first, then CLIP's), as `encode` feeds them (paint-with-words maps phrases onto them)."""
         from ediffi_jax.paint.masks import TokenStream
 
+        if self.words is not None:
+            return self.words.token_streams(prompt)
         m, out = self.model, []
         for name, tok, length, offset, present in (
                 ("t5", self.t5_tokenizer, m.t5_length, 0, self.t5),
@@ -190,6 +196,8 @@ class PretrainedEncoder:
     def phrase_tokens(self, stream: str, phrase: str):
         from ediffi_jax.paint.masks import TokenStream
 
+        if self.words is not None:
+            return self.words.phrase_tokens(stream, phrase)
         tok = self.t5_tokenizer if stream == "t5" else self.clip_tokenizer
         ids = tuple(tok(phrase, add_special_tokens=False)["input_ids"])
         return TokenStream(stream, 0, tuple(tok.convert_ids_to_tokens(list(ids))), ids)
@@ -206,7 +214,8 @@ class PretrainedEncoder:
 
 
 def make_conditioner(cfg: EncodersConfig, model, mesh=None):
-    """The conditioning source a run uses: its pretrained encoders, else the word embeddings."""
+    """The conditioning source a run uses: its pretrained encoders, else the word embeddings
+    (which also stand in for the text when only a CLIP image tower is configured)."""
     if cfg.pretrained:
         return PretrainedEncoder(cfg, model, mesh)
     return WordEncoder.for_model(model)
