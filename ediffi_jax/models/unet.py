@@ -52,6 +52,9 @@ class UNetConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     attention_impl: str = "xla"
     remat: bool = False  # recompute res/attention blocks in the backward pass (saves memory)
+    # The pooled CLIP text vector added to the noise embedding (eDiff-I). Off, text reaches the
+    # U-Net only through cross-attention, where paint-with-words can steer it spatially.
+    pooled_text: bool = True
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):
@@ -226,7 +229,8 @@ class UNet(nn.Module):
         emb = noise_embedding(c_noise, cfg.channels)
         emb = Dense(emb_dim, dtype=dtype, name="time_embed_0")(emb)
         emb = Dense(emb_dim, dtype=dtype, name="time_embed_1")(nn.silu(emb))
-        emb = emb + Dense(emb_dim, dtype=dtype, name="clip_pooled_proj")(cond.clip_pooled)
+        if cfg.pooled_text:
+            emb = emb + Dense(emb_dim, dtype=dtype, name="clip_pooled_proj")(cond.clip_pooled)
         emb = emb + Dense(emb_dim, dtype=dtype, name="clip_image_proj")(cond.clip_image)
         context, context_mask = self._context(cond, dtype)
 
