@@ -150,3 +150,16 @@ def test_colour_map_inputs_and_their_errors(tmp_path, caplog):
         from_mask_specs(["red circle"], 16, 16)
     with pytest.raises(ValueError, match="paint weight must be one of"):
         PaintSettings(weight="mean")
+
+
+def test_pooled_text_off_leaves_cross_attention_as_the_only_text_path():
+    from ediffi_jax.models.unet import UNet, abstract_params
+
+    cfg = tiny_unet_config(pooled_text=False)
+    assert "clip_pooled_proj" not in abstract_params(cfg)
+    assert "clip_pooled_proj" in abstract_params(tiny_unet_config())
+    cond = tiny_conditioning(cfg, 1)
+    x = jnp.zeros((1, 16, 16, 3))
+    params = tiny_params(cfg)
+    apply = lambda c: UNet(cfg).apply({"params": params}, x, jnp.zeros((1,)), c)  # noqa: E731
+    np.testing.assert_array_equal(apply(cond), apply(cond.replace(clip_pooled=cond.clip_pooled * 5)))
