@@ -24,26 +24,15 @@ def guided_denoise(denoise_fn, params, x, sigma, cond, uncond, scale, use_cfg: b
     """
     if not use_cfg:
         return denoise_fn(params, x, sigma, cond)
-    if cond_text is not None:
-        batch = x.shape[0]
-        three = jax.tree.map(lambda c, t, u: jnp.concatenate([c, t, u], axis=0), cond, cond_text,
-                             uncond)
-        d = denoise_fn(params, jnp.concatenate([x, x, x], axis=0),
-                       jnp.concatenate([sigma, sigma, sigma], axis=0), three)
-        d_c, d_t, d_u = d[:batch], d[batch:2 * batch], d[2 * batch:]
-        return d_u + scale * (d_t - d_u) + style_scale * (d_c - d_t)
-    if base_fn is not None:
-        batch = x.shape[0]
-        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-        d = denoise_fn(params, jnp.concatenate([x, x], axis=0),
-                       jnp.concatenate([sigma, sigma], axis=0), both)
-        return base_fn(params, x, sigma, uncond) + scale * (d[:batch] - d[batch:])
     batch = x.shape[0]
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-    d = denoise_fn(
-        params,
-        jnp.concatenate([x, x], axis=0),
-        jnp.concatenate([sigma, sigma], axis=0),
-        both,
-    )
-    return combine(d[:batch], d[batch:], scale)
+    branches = [cond, uncond] if cond_text is None else [cond, cond_text, uncond]
+    stacked = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *branches)
+    n = len(branches)
+    d = denoise_fn(params, jnp.concatenate([x] * n, axis=0), jnp.concatenate([sigma] * n, axis=0),
+                   stacked)
+    d_c, d_u = d[:batch], d[(n - 1) * batch:]
+    if cond_text is not None:
+        d_t = d[batch:2 * batch]
+        return d_u + scale * (d_t - d_u) + style_scale * (d_c - d_t)
+    base = base_fn(params, x, sigma, uncond) if base_fn is not None else d_u
+    return base + scale * (d_c - d_u)
