@@ -333,7 +333,6 @@ def main(argv=None) -> int:
         tokens = int(mask.sum())
 
         import flax
-        import importlib.metadata as md
 
         cmd = "python -m benchmarks.t5_encode " + " ".join(
             a for a in [f"--batch {args.batch}", f"--length {args.length}", f"--rounds {args.rounds}",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ediffi_jax.config import ConfigError, load_config
+from ediffi_jax.config import load_config
 from sample.__main__ import main as sample_main
 from sample.generate import load_ensemble, run_config
 from train.branch import main as branch_main

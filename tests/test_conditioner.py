@@ -147,7 +147,7 @@ def test_training_reads_precomputed_conditioning(encoders, tmp_path):
     data = _dataset(tmp_path, n=16)
     out = str(tmp_path / "cond" / "train")
     pc.precompute(_config(encoders), data, out, dtype="bfloat16", batch=8, log=lambda *_: None)
-    records = [f"--config.data.name=records", f"--config.data.path={out}",
+    records = ["--config.data.name=records", f"--config.data.path={out}",
                "--config.train.steps=1", "--config.train.checkpoint_every=1"]
     state = train(_config(encoders, records), str(tmp_path / "run"), log=lambda *_: None)
     assert int(state.step) == 1

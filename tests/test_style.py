@@ -1,5 +1,4 @@
 """Style: a reference image's CLIP embedding as conditioning, with its own guidance scale."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -28,7 +27,7 @@ from ediffi_jax.diffusion.edm import LogNormalSigma
 from ediffi_jax.encoders.conditioner import EncodersConfig, make_conditioner
 from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
-from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
+from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
 from train.checkpoint import Checkpointer, abstract_like
 from train.step import (TrainConfig, TrainState, init_state, learning_rate, make_optimizer,

@@ -14,8 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ediffi_jax.models.layers import Dense, _param, attention, conv2d
+from ediffi_jax.models.layers import Dense, _param, attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -250,12 +251,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def preprocess_images(images, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> "np.ndarray":
+def preprocess_images(images, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """CLIP's image preprocessing (as transformers' CLIPImageProcessor and OpenAI's code): the
     shortest side resized to `size` (PIL bicubic), a centre crop of size x size, /255, then
     normalised by CLIP's mean/std. Images: PIL images or uint8 arrays [H, W, 3] (greyscale and
     RGBA are converted to RGB). Returns float32 [N, size, size, 3] (NHWC)."""
-    import numpy as np
     from PIL import Image
 
     out = []

@@ -3,7 +3,7 @@ interval. Sampling switches parameter sets per interval (diffusion/plan.py decid
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 
