@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         style = None
         if args.style_image:
             style = np.asarray(Image.open(args.style_image).convert("RGB"))
-            if getattr(conditioner, "clip_vision", None) is None:
+            if conditioner.clip_vision is None:
                 raise ConfigError("--style-image needs a CLIP vision tower: this run's "
                                   "encoders.clip_vision is not set")
         plan = sampling_plan(model, ensemble, sampling, resolution, highres,

@@ -100,7 +100,9 @@ def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, 
     plan = sampling_plan(model, ensemble, sampling, res, highres,
                          paint.settings if paint is not None else None)
     # Style guided on its own scale: the text-only branch is cond without the image embedding.
-    cond_text = cond.replace(clip_image=jnp.zeros_like(cond.clip_image))
+    cond_text = None
+    if any(s.settings.style_cfg for s in plan.segments):
+        cond_text = cond.replace(clip_image=jnp.zeros_like(cond.clip_image))
     images = runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
                            example_indices=np.arange(first_index, first_index + len(prompts)),
                            cond=cond, uncond=cond.unconditional(), cond_text=cond_text)

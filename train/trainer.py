@@ -148,7 +148,7 @@ class _Batches:
         else:
             captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
             # A CLIP image tower embeds each training image (eDiff-I's style path; dropped 90%).
-            images = list(batch["image"]) if getattr(self.encoder, "clip_vision", None) else None
+            images = list(batch["image"]) if self.encoder.clip_vision is not None else None
             cond = self.encoder.encode(captions, images)
         host = {
             "image": (np.asarray(batch["image"], np.float32) / 127.5 - 1.0),

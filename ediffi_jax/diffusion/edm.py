@@ -68,6 +68,11 @@ def precondition_coefficients(sigma, sigma_data: float = SIGMA_DATA):
     return c_skip, c_out, c_in, c_noise
 
 
+def sigma_of_c_noise(c_noise):
+    """The inverse of c_noise = ln(sigma) / 4, for networks that need sigma itself."""
+    return jnp.exp(4.0 * jnp.asarray(c_noise, jnp.float32))
+
+
 def loss_weight(sigma, sigma_data: float = SIGMA_DATA):
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2: cancels c_out^2."""
     sigma = jnp.asarray(sigma, jnp.float32)

@@ -6,10 +6,6 @@ import jax
 import jax.numpy as jnp
 
 
-def combine(d_cond, d_uncond, scale):
-    return d_uncond + scale * (d_cond - d_uncond)
-
-
 def guided_denoise(denoise_fn, params, x, sigma, cond, uncond, scale, use_cfg: bool,
                    base_fn=None, cond_text=None, style_scale=None):
     """Evaluate the conditional and unconditional branches in one batched call and combine.

@@ -106,8 +106,7 @@ class PlanRunner:
         def denoise(which, x, sigma):
             return guided_denoise(
                 fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg,
-                base_fn=base_fn, cond_text=cond_text if settings.style_cfg else None,
-                style_scale=style_scale,
+                base_fn=base_fn, cond_text=cond_text, style_scale=style_scale,
             )
 
         body = lambda i, st: _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)  # noqa: E731

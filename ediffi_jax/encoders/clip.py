@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediffi_jax.encoders.hf import config_from_hf
 from ediffi_jax.models.layers import Dense, _param, attention
 
 ACTIVATIONS = {
@@ -23,12 +24,6 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-
-def _from_hf(cls, hf: dict, overrides: dict):
-    # config.json's `dtype` is the checkpoint's storage dtype; ours is the compute dtype.
-    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-    return cls(**{**{k: v for k, v in hf.items() if k in fields}, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +48,7 @@ class CLIPTextConfig:
         """From a CLIPTextConfig's config.json or a CLIPModel's (its text_config)."""
         if "text_config" in hf:
             hf = {**hf["text_config"], "projection_dim": hf.get("projection_dim", 512)}
-        return _from_hf(cls, hf, overrides)
+        return config_from_hf(cls, hf, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +75,7 @@ class CLIPVisionConfig:
     def from_hf(cls, hf: dict, **overrides) -> "CLIPVisionConfig":
         if "vision_config" in hf:
             hf = {**hf["vision_config"], "projection_dim": hf.get("projection_dim", 512)}
-        return _from_hf(cls, hf, overrides)
+        return config_from_hf(cls, hf, **overrides)
 
 
 def _check_act(name):

@@ -156,12 +156,10 @@ class PretrainedEncoder:
         """float32 numpy Conditioning for `captions`; `images` (one per caption, or None to
         leave the CLIP image embedding zero) are style references."""
         m = self.model
-        out = Conditioning.zeros(len(captions), t5_length=m.t5_length, t5_dim=m.t5_dim,
-                                 clip_length=m.clip_length, clip_dim=m.clip_dim,
-                                 clip_pooled_dim=m.clip_pooled_dim, clip_image_dim=m.clip_image_dim)
-        out = jax.tree.map(np.asarray, out)
         if self.words is not None:
             out = self.words.encode(captions)
+        else:
+            out = jax.tree.map(np.asarray, m.zero_conditioning(len(captions)))
         parts = {}
         if self.t5 is not None:
             ids, mask = tokenize(self.t5_tokenizer, captions, m.t5_length, "T5 prompt")

@@ -41,6 +41,15 @@ class CheckpointError(ValueError):
     pass
 
 
+def config_from_hf(cls, hf_config: Mapping, **overrides):
+    """Dataclass `cls` from the config.json fields it names; config.json's `dtype` (the
+    checkpoint's storage dtype) is not our `dtype` (the compute dtype), so it is never read."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+    return cls(**{**{k: v for k, v in hf_config.items() if k in fields}, **overrides})
+
+
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediffi_jax.encoders.hf import config_from_hf
 from ediffi_jax.models.layers import Dense, _param, attention
 
 ACTIVATIONS = {
@@ -60,10 +61,7 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "T5Config":
-        """The fields this encoder reads (its `dtype` is our compute dtype, not the checkpoint's
-        storage dtype, which config.json also calls `dtype`)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-        return cls(**{**{k: v for k, v in hf.items() if k in fields}, **overrides})
+        return config_from_hf(cls, hf, **overrides)
 
 
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:

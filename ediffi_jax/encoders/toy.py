@@ -35,6 +35,7 @@ class WordEncoder:
     clip_length: int
     clip_pooled_dim: int
     clip_image_dim: int
+    clip_vision = None  # no image tower (PretrainedEncoder's attribute of the same name)
 
     @classmethod
     def for_model(cls, model) -> "WordEncoder":

@@ -24,7 +24,7 @@ class Conditioning:
     clip_pooled: jax.Array  # [B, D_pooled]
     clip_image: jax.Array  # [B, D_image]
     # Paint-with-words (sampling only): per context token, the strength-weighted phrase mask
-    # [B, L_t5 + L_clip + 2, H_mask, W_mask]; zeros in the unconditional branch. None: off.
+    # [B, H_mask, W_mask, L_t5 + L_clip + 2]; zeros in the unconditional branch. None: off.
     paint: jax.Array | None = None
 
     @property

@@ -18,6 +18,7 @@ import jax
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
+from ediffi_jax.diffusion.edm import sigma_of_c_noise
 from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.paint.bias import PaintSettings, bias_fn as paint_bias_fn
 from ediffi_jax.models.layers import (
@@ -240,11 +241,11 @@ class UNet(nn.Module):
         attn_cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
         res = lambda ch, name: res_cls(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
         attn_block = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
-        painting = cond.paint is not None and paint is not None
-        if cond.paint is not None and paint is None:
+        painting = cond.paint is not None
+        if painting and paint is None:
             raise ValueError("cond.paint holds paint-with-words masks but no PaintSettings given")
         if painting:
-            sigma = jnp.exp(4.0 * c_noise.astype(jnp.float32))  # c_noise = ln(sigma) / 4
+            sigma = sigma_of_c_noise(c_noise)
 
         def attn(name):
             block = attn_block(name)
