@@ -89,24 +89,37 @@ def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, 
     prompt) give the CLIP image embedding; `highres` applies at a `resolution` past the
     training one (ScaleCrafter); `paint` gives phrase masks (paint-with-words)."""
     model = run.stage.model
-    sampling = sampling or run.stage.sampling
-    res = resolution or model.resolution
     conditioner = conditioner or make_conditioner(run.encoders, model)
     cond = conditioner.encode(list(prompts), style_images)
     if paint is not None:
         cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
-    cond = jax.tree.map(jnp.asarray, cond)
+    images = denoise_batch(run, ensemble, jax.tree.map(jnp.asarray, cond),
+                           np.arange(first_index, first_index + len(prompts)), seed=seed,
+                           sampling=sampling, resolution=resolution, runner=runner,
+                           highres=highres, paint=paint.settings if paint is not None else None)
+    return to_uint8(images)
+
+
+def denoise_batch(run: RunSpec, ensemble: ExpertEnsemble, cond, example_indices, *, seed=0,
+                  sampling: SamplingConfig | None = None, resolution: int | None = None,
+                  native_resolution: int | None = None, runner: PlanRunner | None = None,
+                  highres: HighResConfig | None = None, paint: PaintSettings | None = None,
+                  batch_sharding=None) -> jax.Array:
+    """Sample the examples `example_indices` of run `seed` (an int or a key) from encoded
+    conditioning: float images in about [-1, 1], [N, res, res, C]. `native_resolution` is the
+    size the stage was made for (default the model's): ScaleCrafter applies past it."""
+    model = run.stage.model
+    sampling = sampling or run.stage.sampling
+    res = resolution or native_resolution or model.resolution
     runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
-    plan = sampling_plan(model, ensemble, sampling, res, highres,
-                         paint.settings if paint is not None else None)
+    plan = sampling_plan(model, ensemble, sampling, res, highres, paint, native_resolution)
     # Style guided on its own scale: the text-only branch is cond without the image embedding.
     cond_text = None
     if any(s.settings.style_cfg for s in plan.segments):
         cond_text = cond.replace(clip_image=jnp.zeros_like(cond.clip_image))
-    images = runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
-                           example_indices=np.arange(first_index, first_index + len(prompts)),
-                           cond=cond, uncond=cond.unconditional(), cond_text=cond_text)
-    return to_uint8(images)
+    return runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
+                         example_indices=example_indices, cond=cond, uncond=cond.unconditional(),
+                         cond_text=cond_text, batch_sharding=batch_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +142,23 @@ class Paint:
         self.check(model)
         return paint_conditioning(conditioner, model, prompts, self.masks, self.scale)
 
+    def masks_at(self, size: int) -> list:
+        """The masks resized to size x size (bilinear), for overlays on a stage's images."""
+        from PIL import Image
+
+        return [m if m.mask.shape == (size, size) else dataclasses.replace(
+            m, mask=np.asarray(Image.fromarray(m.mask.astype(np.float32)).resize(
+                (size, size), Image.BILINEAR))) for m in self.masks]
+
 
 def sampling_plan(model, ensemble: ExpertEnsemble, sampling: SamplingConfig, resolution: int,
-                  highres: HighResConfig | None = None, paint: PaintSettings | None = None):
+                  highres: HighResConfig | None = None, paint: PaintSettings | None = None,
+                  native_resolution: int | None = None):
     """The segment plan: experts by noise interval, plus the ScaleCrafter schedule when
-    `highres` asks for it at this resolution, and paint-with-words when `paint` is set."""
-    plan = highres.plan(conv3x3_levels(model), resolution / model.resolution) if highres else None
+    `highres` asks for it at this resolution (against the stage's native one, by default the
+    model's), and paint-with-words when `paint` is set."""
+    native = native_resolution or model.resolution
+    plan = highres.plan(conv3x3_levels(model), resolution / native) if highres else None
     if plan is None:
         return sampling.plan(ensemble.intervals, paint=paint)
     sigmas = sampling.sigmas()

@@ -31,7 +31,7 @@ from ediffi_jax.parallel.host import configure_cpu_host
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh
 from train.checkpoint import abstract_like
 from train.step import init_state, make_optimizer, state_shardings, train_step
-from train.trainer import check_layout, parse_run
+from train.trainer import check_layout, check_stage_sizes, image_resolution, parse_run
 
 GIB = 2**30
 NOT_FIT = 3  # CLI exit status when the layout does not fit
@@ -182,6 +182,7 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
     except ValueError as e:
         raise ConfigError(f"mesh.shape: {e}") from e
     check_layout(run, mesh)
+    check_stage_sizes(run)
 
     # The trainer's state and shardings (train.trainer.train), as abstract values.
     optimizer = make_optimizer(tcfg)
@@ -196,8 +197,13 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
     batch = {
         "image": jax.ShapeDtypeStruct((b, res, res, model.in_channels), jnp.float32),
         "index": jax.ShapeDtypeStruct((b,), jnp.int32),
-        "cond": jax.eval_shape(lambda: model.zero_conditioning(b)),
+        "cond": jax.eval_shape(  # text parts only, as the trainer's batches
+            lambda: model.zero_conditioning(b).replace(lowres=None, lowres_sigma=None)),
     }
+    if model.lowres_scale:  # a super-resolution stage: whole low-res images and patch corners
+        low = image_resolution(run) // model.lowres_scale
+        batch["lowres"] = jax.ShapeDtypeStruct((b, low, low, model.out_channels), jnp.float32)
+        batch["crop"] = jax.ShapeDtypeStruct((b, 2), jnp.int32)
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
         batch)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ediffi_jax.diffusion import edm
+from ediffi_jax.diffusion import edm, lowres
 from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.models.unet import UNet
 
@@ -47,6 +47,8 @@ class TrainConfig:
     drop_clip_image: float = 0.9
     # The expert's noise interval as probability-mass quantiles of the training log-normal.
     sigma_quantiles: tuple[str, str] = ("0", "1")
+    # Super-resolution stages: the low-res input's noise-augmentation level, log-uniform here.
+    noise_aug_sigma: tuple[float, float] = (0.002, 0.5)
     init_from: str = ""  # a parent run's workdir: start from its latest params and EMA (branching)
     max_nonfinite: int = 10  # stop after this many consecutive skipped (non-finite) steps
     seed: int = 0
@@ -67,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError("batch_size must be >= 1 and steps >= 0")
+        object.__setattr__(self, "noise_aug_sigma",
+                           lowres.check_sigma_range(self.noise_aug_sigma, "noise_aug_sigma"))
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(
                 f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size}"
@@ -135,17 +139,32 @@ def example_randomness(cfg: TrainConfig, index, image_shape, interval):
     return sigma, noise, keep
 
 
+def with_lowres(cfg: TrainConfig, cond: Conditioning, batch, scale: int) -> Conditioning:
+    """A super-resolution batch's low-res input: the whole low-res images upsampled `scale`x,
+    cut to the training patches (batch["crop"], top-left corners), noise-augmented to a random
+    level per example (its own key from the global index: independent of the denoising draws)."""
+    size = batch["image"].shape[1]
+    up = lowres.upsample(batch["lowres"], batch["lowres"].shape[1] * scale)
+    up = lowres.crop(up, batch["crop"], size)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.seed + 2), i))(batch["index"])
+    sigma = jax.vmap(lambda k: lowres.sample_sigma(k, cfg.noise_aug_sigma))(keys)
+    return cond.replace(lowres=jax.vmap(lowres.augment)(keys, up, sigma), lowres_sigma=sigma)
+
+
 def loss_fn(params, unet: UNet, cfg: TrainConfig, batch, dropout_key, interval):
     """Mean EDM loss of a (micro)batch and per-example (loss, sigma) for logging.
 
     batch: {"image": [B,H,W,C] in [-1, 1], "index": [B] global example indices,
-            "cond": Conditioning}.
+            "cond": Conditioning}; a super-resolution stage's also has "lowres" [B,h,w,C] in
+            [-1, 1] (whole images) and "crop" [B, 2] (where each patch sits in the upsampled one).
     """
     images = batch["image"].astype(jnp.float32)
     sigma, noise, keep = jax.vmap(
         lambda i: example_randomness(cfg, i, images.shape[1:], interval))(batch["index"])
     cond: Conditioning = batch["cond"].keep(t5=keep[:, 0], clip_text=keep[:, 1],
                                            clip_image=keep[:, 2])
+    if unet.config.lowres_scale:
+        cond = with_lowres(cfg, cond, batch, unet.config.lowres_scale)
     network = lambda x_in, c_noise, cond: unet.apply(  # noqa: E731
         {"params": params}, x_in, c_noise, cond, train=True, rngs={"dropout": dropout_key})
     denoised = edm.denoise(network, images + edm.expand_to(sigma, images) * noise, sigma, cond)

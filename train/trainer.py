@@ -46,6 +46,10 @@ class DataConfig:
     name: str = "shapes"
     path: str = ""
     shapes: Any = None  # ShapesConfig fields, for name == "shapes"
+    # The whole training image's side (0: model.resolution); images of another size are resized
+    # to it. Larger than model.resolution: patch training on random model.resolution crops.
+    resolution: int = 0
+    degrade: Any = None  # DegradeConfig fields (data/stage.py): an SR stage's low-res input
 
     def __post_init__(self):
         if self.name not in DATASETS:
@@ -88,6 +92,35 @@ def parse_run(config) -> RunSpec:
         data=section(DataConfig, config.get("data"), "data"),
         encoders=section(EncodersConfig, config.get("encoders"), "encoders"),
     )
+
+
+def image_resolution(run: RunSpec) -> int:
+    """The side of a whole training image (the model trains on patches of it when larger)."""
+    return run.data.resolution or run.stage.model.resolution
+
+
+def check_stage_sizes(run: RunSpec) -> None:
+    """The whole image, the patch and the low-res input must nest."""
+    model, full = run.stage.model, image_resolution(run)
+    if full < model.resolution:
+        raise ConfigError(f"data.resolution {full} is smaller than model.resolution "
+                          f"{model.resolution}, the size the model trains on")
+    if model.lowres_scale and full % model.lowres_scale:
+        raise ConfigError(f"data.resolution {full} does not divide by model.lowres_scale "
+                          f"{model.lowres_scale}")
+
+
+def stage_transform(run: RunSpec, source):
+    """The pipeline transform that gives each example at the stage's sizes (data/stage.py), or
+    None when the source's images already are what the model trains on."""
+    from ediffi_jax.data.stage import DegradeConfig, StageExample
+
+    model, full = run.stage.model, image_resolution(run)
+    degrade = section(DegradeConfig, run.data.degrade, "data.degrade")
+    side = np.asarray(source[0]["image"]).shape[0]
+    if not model.lowres_scale and full == model.resolution == side:
+        return None
+    return StageExample(full, model.resolution, model.lowres_scale, degrade)
 
 
 def build_source(data: DataConfig, resolution: int):
@@ -155,6 +188,9 @@ class _Batches:
             "index": np.asarray(batch["index"], np.int32),
             "cond": {f: getattr(cond, f) for f in FIELDS},
         }
+        if "lowres" in batch:  # a super-resolution stage (data/stage.py)
+            host["lowres"] = np.asarray(batch["lowres"], np.float32) / 127.5 - 1.0
+            host["crop"] = np.asarray(batch["crop"], np.int32)
         arrays = to_global_arrays(host, self.mesh)
         arrays["cond"] = Conditioning(**arrays["cond"])
         return arrays
@@ -227,12 +263,14 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     initialize(section(DistributedConfig, config.get("distributed"), "distributed"), log=log)
     mesh = make_mesh(run.mesh.shape)
     check_layout(run, mesh)
-    source = build_source(run.data, model.resolution)
+    check_stage_sizes(run)
+    source = build_source(run.data, image_resolution(run))
+    stage = stage_transform(run, source)
     os.makedirs(workdir, exist_ok=True)
 
     unpack, encoder = conditioning_source(run, source)
     pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed,
-                             transform=unpack)
+                             transform=[t for t in (unpack, stage) if t is not None])
     iterator = iter(pipeline)
     unet = UNet(model)
     optimizer = make_optimizer(tcfg)

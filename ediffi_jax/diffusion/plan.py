@@ -219,8 +219,13 @@ class SamplingConfig:
     s_tmax: float = 1e9
     s_noise: float = 1.0
     style_guidance_scale: float | None = None  # None: the style image is guided with the text
+    # A super-resolution stage: the noise-augmentation level of its low-res input (small: the
+    # previous stage's output is clean; raise it to hide that stage's artefacts).
+    noise_aug_sigma: float = 0.002
 
     def __post_init__(self):
+        if self.noise_aug_sigma <= 0:
+            raise ValueError(f"noise_aug_sigma must be > 0, got {self.noise_aug_sigma}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_steps < 1:

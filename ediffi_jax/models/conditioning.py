@@ -4,6 +4,9 @@ eDiff-I conditions on T5 tokens, CLIP text tokens + the pooled CLIP text vector,
 embedding (style). Each is dropped independently in training by zeroing it (tokens and their
 padding mask alike), so at sampling any subset can be given and the rest left as zeros; all zeros
 is the unconditional branch of classifier-free guidance.
+
+A super-resolution stage is also conditioned on the low-resolution image; that is not text and
+is never dropped: the unconditional branch keeps it (as in Imagen's cascades).
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ class Conditioning:
     # Paint-with-words (sampling only): per context token, the strength-weighted phrase mask
     # [B, H_mask, W_mask, L_t5 + L_clip + 2]; zeros in the unconditional branch. None: off.
     paint: jax.Array | None = None
+    # Super-resolution stages: the noise-augmented low-res image upsampled to the output size
+    # [B, H, W, C] in [-1, 1] (plus noise), and its augmentation level sigma [B]. None: a base stage.
+    lowres: jax.Array | None = None
+    lowres_sigma: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -63,4 +70,6 @@ class Conditioning:
         )
 
     def unconditional(self) -> "Conditioning":
-        return jax.tree.map(jnp.zeros_like, self)
+        """Every text/image part zeroed; the low-res image of an SR stage kept."""
+        zeroed = jax.tree.map(jnp.zeros_like, self.replace(lowres=None, lowres_sigma=None))
+        return zeroed.replace(lowres=self.lowres, lowres_sigma=self.lowres_sigma)

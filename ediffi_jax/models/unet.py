@@ -18,7 +18,7 @@ import jax
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
-from ediffi_jax.diffusion.edm import sigma_of_c_noise
+from ediffi_jax.diffusion.edm import precondition_coefficients, sigma_of_c_noise
 from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.paint.bias import PaintSettings, bias_fn as paint_bias_fn
 from ediffi_jax.models.layers import (
@@ -39,7 +39,11 @@ class UNetConfig:
     channels: int = 256
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 3
+    # Efficient-U-Net style (the SR stages): level l has num_res_blocks * block_mult[l] blocks,
+    # more at low resolution where they are cheap. Empty: num_res_blocks at every level.
+    block_mult: tuple[int, ...] = ()
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    self_attention: bool = True  # off: cross-attention only (the paper's SR1024)
     attention_head_dim: int = 64
     scale_shift_norm: bool = True
     dropout: float = 0.0
@@ -56,9 +60,13 @@ class UNetConfig:
     # The pooled CLIP text vector added to the noise embedding (eDiff-I). Off, text reaches the
     # U-Net only through cross-attention, where paint-with-words can steer it spatially.
     pooled_text: bool = True
+    # A super-resolution stage: the low-res image (this many times smaller) is upsampled to the
+    # input's size and enters as extra input channels, with its noise-augmentation level added
+    # to the noise embedding. 0: a base stage.
+    lowres_scale: int = 0
 
     def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
+        for name in ("channel_mult", "attention_resolutions", "block_mult"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         levels = len(self.channel_mult)
         if levels < 1:
@@ -84,6 +92,16 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.block_mult and (len(self.block_mult) != levels or min(self.block_mult) < 1):
+            raise ValueError(f"block_mult {self.block_mult} needs one positive entry per level "
+                             f"({levels} levels in channel_mult)")
+        if self.lowres_scale < 0 or self.lowres_scale == 1:
+            raise ValueError(f"lowres_scale must be 0 (a base stage) or an upsampling factor "
+                             f">= 2, got {self.lowres_scale}")
+
+    def blocks(self, level: int) -> int:
+        """Res blocks at `level` on the way down (the way up has one more)."""
+        return self.num_res_blocks * (self.block_mult[level] if self.block_mult else 1)
 
     @property
     def attention_levels(self) -> frozenset[int]:
@@ -97,11 +115,18 @@ class UNetConfig:
         return DTYPES[self.dtype]
 
     def zero_conditioning(self, batch: int) -> Conditioning:
-        return Conditioning.zeros(
+        """All-zero conditioning (with a zero low-res image at the training size for an SR
+        stage, noise level 1): the shapes init and abstract evaluation need."""
+        cond = Conditioning.zeros(
             batch, t5_length=self.t5_length, t5_dim=self.t5_dim, clip_length=self.clip_length,
             clip_dim=self.clip_dim, clip_pooled_dim=self.clip_pooled_dim,
             clip_image_dim=self.clip_image_dim,
         )
+        if self.lowres_scale:
+            res = self.resolution
+            cond = cond.replace(lowres=jnp.zeros((batch, res, res, self.out_channels)),
+                                lowres_sigma=jnp.ones((batch,)))
+        return cond
 
 
 def noise_embedding(c_noise, channels: int, max_positions: int = 10000):
@@ -141,11 +166,12 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over pixels, then cross-attention to the conditioning tokens."""
+    """Self-attention over pixels (unless off), then cross-attention to the conditioning tokens."""
 
     head_dim: int
     implementation: str = "xla"
     dtype: Any = jnp.float32
+    self_attention: bool = True
 
     @nn.compact
     def __call__(self, x, context, context_mask, cross_bias_fn=None):
@@ -154,13 +180,14 @@ class AttentionBlock(nn.Module):
         d = c // heads
         split = lambda t: t.reshape(t.shape[:2] + (heads, d))  # noqa: E731
 
-        h = GroupNorm(dtype=self.dtype, name="self_norm")(x).reshape(b, hgt * wid, c)
-        qkv = Dense(3 * c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
-                    name="self_qkv")(h)
-        q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
-        o = attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
-        x = x + Dense(c, names=("heads", "embed"), zero_init=True, dtype=self.dtype,
-                      name="self_out")(o).reshape(x.shape)
+        if self.self_attention:
+            h = GroupNorm(dtype=self.dtype, name="self_norm")(x).reshape(b, hgt * wid, c)
+            qkv = Dense(3 * c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
+                        name="self_qkv")(h)
+            q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
+            o = attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
+            x = x + Dense(c, names=("heads", "embed"), zero_init=True, dtype=self.dtype,
+                          name="self_out")(o).reshape(x.shape)
 
         h = GroupNorm(dtype=self.dtype, name="cross_norm")(x).reshape(b, hgt * wid, c)
         q = split(Dense(c, names=("embed", "heads"), use_bias=False, dtype=self.dtype,
@@ -215,6 +242,24 @@ class UNet(nn.Module):
             [cond.t5_mask.astype(jnp.float32), cond.clip_mask.astype(jnp.float32), ones], axis=1)
         return tokens, mask
 
+    def _lowres_input(self, x, cond: Conditioning, dtype):
+        """A super-resolution stage's extra inputs: x with the noise-augmented low-res image
+        (already upsampled to x's size) as more channels, EDM-scaled by c_in of its noise level,
+        and the embedding of that level."""
+        cfg = self.config
+        if cond.lowres is None or cond.lowres_sigma is None:
+            raise ValueError("this super-resolution U-Net (lowres_scale "
+                             f"{cfg.lowres_scale}) needs cond.lowres and cond.lowres_sigma")
+        if cond.lowres.shape[:3] != x.shape[:3]:
+            raise ValueError(f"cond.lowres {cond.lowres.shape} must be upsampled to the input's "
+                             f"batch and size {x.shape[:3]}")
+        _, _, c_in, c_noise = precondition_coefficients(cond.lowres_sigma)
+        lowres = c_in[:, None, None, None] * cond.lowres.astype(jnp.float32)
+        emb_dim = 4 * cfg.channels
+        emb = Dense(emb_dim, dtype=dtype, name="lowres_embed_0")(noise_embedding(c_noise, cfg.channels))
+        emb = Dense(emb_dim, dtype=dtype, name="lowres_embed_1")(nn.silu(emb))
+        return jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1), emb
+
     @nn.compact
     def __call__(self, x, c_noise, cond: Conditioning, *, conv_settings: ConvSettings | None = None,
                  paint: PaintSettings | None = None, train: bool = False):
@@ -233,6 +278,9 @@ class UNet(nn.Module):
         if cfg.pooled_text:
             emb = emb + Dense(emb_dim, dtype=dtype, name="clip_pooled_proj")(cond.clip_pooled)
         emb = emb + Dense(emb_dim, dtype=dtype, name="clip_image_proj")(cond.clip_image)
+        if cfg.lowres_scale:
+            x, lowres_emb = self._lowres_input(x, cond, dtype)
+            emb = emb + lowres_emb
         context, context_mask = self._context(cond, dtype)
 
         # Hashable, so it can be a static argument of rematerialised blocks.
@@ -240,7 +288,8 @@ class UNet(nn.Module):
         res_cls = nn.remat(ResBlock, static_argnums=(3, 4)) if cfg.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
         res = lambda ch, name: res_cls(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
-        attn_block = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype, name=name)  # noqa: E731
+        attn_block = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype,  # noqa: E731
+                                           cfg.self_attention, name=name)
         painting = cond.paint is not None
         if painting and paint is None:
             raise ValueError("cond.paint holds paint-with-words masks but no PaintSettings given")
@@ -258,7 +307,7 @@ class UNet(nn.Module):
         h = Conv(cfg.channels, dtype=dtype, name="conv_in")(x.astype(dtype), conv_settings)
         skips = [h]
         for lvl, mult in enumerate(cfg.channel_mult):
-            for i in range(cfg.num_res_blocks):
+            for i in range(cfg.blocks(lvl)):
                 h = res(cfg.channels * mult, f"down{lvl}_res{i}")(h, emb, conv_settings, train)
                 if lvl in cfg.attention_levels:
                     h = attn(f"down{lvl}_attn{i}")(h, context, context_mask)
@@ -274,7 +323,7 @@ class UNet(nn.Module):
         h = res(ch, "mid_res1")(h, emb, conv_settings, train)
 
         for lvl in reversed(range(levels)):
-            for i in range(cfg.num_res_blocks + 1):
+            for i in range(cfg.blocks(lvl) + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res(cfg.channels * cfg.channel_mult[lvl], f"up{lvl}_res{i}")(
                     h, emb, conv_settings, train)
@@ -311,11 +360,11 @@ def conv3x3_levels(config: UNetConfig) -> dict[str, int]:
     levels = len(config.channel_mult)
     out = {"conv_in": -1, "conv_out": -1}
     for lvl in range(levels):
-        for i in range(config.num_res_blocks):
+        for i in range(config.blocks(lvl)):
             out[f"down{lvl}_res{i}/conv1"] = out[f"down{lvl}_res{i}/conv2"] = lvl
         if lvl < levels - 1:
             out[f"down{lvl}_downsample/conv"] = lvl
-        for i in range(config.num_res_blocks + 1):
+        for i in range(config.blocks(lvl) + 1):
             out[f"up{lvl}_res{i}/conv1"] = out[f"up{lvl}_res{i}/conv2"] = lvl
         if lvl > 0:
             out[f"up{lvl}_upsample/conv"] = lvl - 1
@@ -328,10 +377,10 @@ def attention_block_names(config: UNetConfig) -> tuple[str, ...]:
     """The U-Net's attention blocks (self- then cross-attention), input to output."""
     levels = len(config.channel_mult)
     names = [f"down{lvl}_attn{i}" for lvl in range(levels) if lvl in config.attention_levels
-             for i in range(config.num_res_blocks)]
+             for i in range(config.blocks(lvl))]
     names.append("mid_attn")
     names += [f"up{lvl}_attn{i}" for lvl in reversed(range(levels)) if lvl in config.attention_levels
-              for i in range(config.num_res_blocks + 1)]
+              for i in range(config.blocks(lvl) + 1)]
     return tuple(names)
 
 

@@ -1,0 +1,232 @@
+"""The cascade as one text-to-image pipeline: a base stage, then super-resolution stages, each
+an ensemble of experts with its own sampling settings.
+
+A cascade file lists the stages in order; each names an ensemble (ensemble.json, a run's
+workdir or an export), whose config gives the stage's name:
+
+    {"stages": [
+        {"ensemble": "base/ensemble.json"},
+        {"ensemble": "sr32", "sampling": {"num_steps": 12, "noise_aug_sigma": 0.002}},
+        {"ensemble": "sr64", "paint": false, "style": true}]}
+
+`paint` / `style` (default true) carry paint-with-words masks and the style image to a stage.
+Conditioning is encoded once per distinct encoder setup and shared by the stages. Stage k > 0
+draws its noise from fold_in(key(seed), k), so the base stage's images equal a base-only run's.
+Each SR stage receives the previous stage's images, clipped to [-1, 1], upsampled (bicubic) to
+its size and noise-augmented to its `sampling.noise_aug_sigma`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ediffi_jax.config import ConfigError
+from ediffi_jax.diffusion import lowres
+from ediffi_jax.diffusion.plan import SamplingConfig
+from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
+from ediffi_jax.encoders.conditioner import make_conditioner
+from ediffi_jax.highres.plans import HighResConfig
+from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
+from ediffi_jax.models.unet import UNet
+from sample.generate import denoise_batch, load_ensemble, sample_settings, to_uint8
+from train.trainer import RunSpec, image_resolution
+
+STAGE_KEYS = ("ensemble", "sampling", "paint", "style")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    run: RunSpec
+    ensemble: ExpertEnsemble
+    sampling: SamplingConfig
+    highres: HighResConfig
+    resolution: int  # the side it makes (an SR stage: its input's side x lowres_scale)
+    paint: bool = True
+    style: bool = True
+
+    @property
+    def lowres_scale(self) -> int:
+        return self.run.stage.model.lowres_scale
+
+
+def load_stage(path: str, overrides: Sequence[str] = (), paint: bool = True,
+               style: bool = True) -> Stage:
+    """One stage from an ensemble path, with `section.key=value` sampling/highres overrides."""
+    run, ensemble = load_ensemble(path)
+    sampling, highres = sample_settings(run, overrides)
+    return Stage(run.stage.name, run, ensemble, sampling, highres, image_resolution(run),
+                 paint, style)
+
+
+def check_chain(stages: Sequence[Stage]) -> None:
+    """The first stage makes images from text alone; each later one upsamples its
+    predecessor's output by its lowres_scale."""
+    if not stages:
+        raise ConfigError("a cascade needs at least one stage")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names repeat in {names}: give each run its own config name")
+    if stages[0].lowres_scale:
+        raise ConfigError(f"the first stage {stages[0].name!r} is a super-resolution model "
+                          f"(lowres_scale {stages[0].lowres_scale}): it needs a stage before it")
+    for prev, stage in zip(stages, stages[1:]):
+        if not stage.lowres_scale:
+            raise ConfigError(f"stage {stage.name!r} is a base model (no lowres_scale); only "
+                              "the first stage may be one")
+        wants = stage.resolution // stage.lowres_scale
+        if prev.resolution != wants:
+            raise ConfigError(
+                f"stages do not chain: {stage.name!r} upsamples {wants}x{wants} to "
+                f"{stage.resolution}x{stage.resolution} but {prev.name!r} makes "
+                f"{prev.resolution}x{prev.resolution}")
+
+
+def split_stage_overrides(overrides: Sequence[str], names: Sequence[str]) -> dict[str, list[str]]:
+    """`stage.section.key=value` goes to that stage; `section.key=value` to every stage."""
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for item in overrides:
+        item = item.removeprefix("--config.")
+        head, _, rest = item.partition(".")
+        if head in out:
+            out[head].append(rest)
+        else:
+            for n in names:
+                out[n].append(item)
+    return out
+
+
+def read_cascade(path: str, names: Sequence[str] | None = None,
+                 overrides: Sequence[str] = ()) -> tuple[Stage, ...]:
+    """The stages of a cascade file (all, or those `names` in file order), checked to chain."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the cascade file {path}: {e}") from e
+    entries = spec.get("stages") if isinstance(spec, dict) else None
+    if not entries or not all(isinstance(e, dict) and "ensemble" in e for e in entries):
+        raise ConfigError(f'{path}: expected {{"stages": [{{"ensemble": PATH, ...}}, ...]}}')
+    base = os.path.dirname(os.path.abspath(path))
+    stages, file_overrides = [], []
+    for entry in entries:
+        unknown = set(entry) - set(STAGE_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown stage keys {sorted(unknown)} (allowed: "
+                              f"{', '.join(STAGE_KEYS)})")
+        stage = load_stage(os.path.join(base, entry["ensemble"]), (),
+                           bool(entry.get("paint", True)), bool(entry.get("style", True)))
+        stages.append(stage)
+        file_overrides.append([f"sampling.{k}={v!r}" for k, v in entry.get("sampling", {}).items()])
+    by_name = split_stage_overrides(overrides, [s.name for s in stages])
+    stages = [
+        dataclasses.replace(stage, **dict(zip(("sampling", "highres"), sample_settings(
+            stage.run, file_overrides[i] + by_name[stage.name]))))
+        for i, stage in enumerate(stages)]
+    if names:
+        known = [s.name for s in stages]
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ConfigError(f"--stages {missing} not in {path} (its stages: {known})")
+        stages = [s for s in stages if s.name in names]
+    check_chain(stages)
+    return tuple(stages)
+
+
+class CascadeSampler:
+    """Samples prompts through every stage, the batch sharded over all devices' data axis."""
+
+    def __init__(self, stages: Sequence[Stage], mesh=None):
+        check_chain(stages)
+        if mesh is not None:  # params replicated beside the sharded batch
+            from ediffi_jax.parallel.mesh import replicated
+
+            stages = [dataclasses.replace(s, ensemble=ExpertEnsemble(
+                s.ensemble.intervals, jax.device_put(s.ensemble.params, replicated(mesh))))
+                for s in stages]
+        self.stages = tuple(stages)
+        self.mesh = mesh
+        self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model))) for s in stages]
+        self._conditioners: dict = {}
+
+    def conditioner(self, stage: Stage):
+        """One conditioner (and one encoding per batch) per distinct encoders + token layout."""
+        m = stage.run.stage.model
+        key = (stage.run.encoders, m.t5_length, m.t5_dim, m.clip_length, m.clip_dim,
+               m.clip_pooled_dim, m.clip_image_dim)
+        if key not in self._conditioners:
+            self._conditioners[key] = (key, make_conditioner(stage.run.encoders, m))
+        return self._conditioners[key]
+
+    @property
+    def batch_multiple(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def _sharding(self, ndim: int = 1):
+        from ediffi_jax.parallel.mesh import batch_sharding
+
+        return None if self.mesh is None else batch_sharding(self.mesh, ndim)
+
+    def _place(self, tree):
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: jax.device_put(x, self._sharding(np.ndim(x))), tree)
+
+    def __call__(self, prompts: Sequence[str], *, seed: int = 0, first_index: int = 0,
+                 paint=None, style_images=None, resolution: int | None = None) -> list[np.ndarray]:
+        """uint8 images [N, H, W, 3] of every stage, in order. `resolution` sets the last
+        stage's output side (ScaleCrafter past its native size, by its highres settings)."""
+        n = len(prompts)
+        pad = -n % self.batch_multiple  # repeat the last prompt to fill every device
+        prompts = list(prompts) + [prompts[-1]] * pad
+        if style_images is not None:
+            style_images = list(style_images) + [style_images[-1]] * pad
+        indices = np.arange(first_index, first_index + len(prompts))
+        encoded: dict = {}
+        outputs, previous = [], None
+        for k, (stage, runner) in enumerate(zip(self.stages, self.runners)):
+            model = stage.run.stage.model
+            key, conditioner = self.conditioner(stage)
+            if key not in encoded:
+                encoded[key] = conditioner.encode(prompts, style_images)
+            cond = encoded[key]
+            if not stage.style:
+                cond = cond.replace(clip_image=np.zeros_like(cond.clip_image))
+            if paint is not None and stage.paint:
+                cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
+            last = k == len(self.stages) - 1
+            res = (resolution if last and resolution else None) or stage.resolution
+            seed_key = jax.random.key(seed) if k == 0 else jax.random.fold_in(jax.random.key(seed), k)
+            cond = self._place(cond)
+            if stage.lowres_scale:
+                cond = self._lowres(cond, previous, res, stage.sampling.noise_aug_sigma,
+                                    example_keys(seed_key, self._place(indices)))
+            x = denoise_batch(stage.run, stage.ensemble, cond, indices, seed=seed_key,
+                              sampling=stage.sampling, resolution=res,
+                              native_resolution=stage.resolution, runner=runner,
+                              highres=stage.highres, batch_sharding=self._sharding(),
+                              paint=paint.settings if paint is not None and stage.paint else None)
+            previous = jnp.clip(x, -1.0, 1.0)
+            outputs.append(to_uint8(gather(previous))[:n])
+        return outputs
+
+    @staticmethod
+    def _lowres(cond, previous, size: int, sigma: float, keys):
+        up = lowres.upsample(previous, size)
+        sigmas = jnp.full((up.shape[0],), sigma, jnp.float32)
+        return cond.replace(lowres=jax.vmap(lowres.augment)(keys, up, sigmas), lowres_sigma=sigmas)
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """The whole (batch-sharded) array on this host, multi-host included."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
