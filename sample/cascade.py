@@ -65,15 +65,15 @@ def load_stage(path: str, overrides: Sequence[str] = (), paint: bool = True,
                  paint, style)
 
 
-def check_chain(stages: Sequence[Stage]) -> None:
-    """The first stage makes images from text alone; each later one upsamples its
-    predecessor's output by its lowres_scale."""
+def check_chain(stages: Sequence[Stage], from_images: bool = False) -> None:
+    """The first stage makes images from text alone (unless `from_images`: it is fed images);
+    each later one upsamples its predecessor's output by its lowres_scale."""
     if not stages:
         raise ConfigError("a cascade needs at least one stage")
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stage names repeat in {names}: give each run its own config name")
-    if stages[0].lowres_scale:
+    if stages[0].lowres_scale and not from_images:
         raise ConfigError(f"the first stage {stages[0].name!r} is a super-resolution model "
                           f"(lowres_scale {stages[0].lowres_scale}): it needs a stage before it")
     for prev, stage in zip(stages, stages[1:]):
@@ -140,10 +140,11 @@ def read_cascade(path: str, names: Sequence[str] | None = None,
 
 
 class CascadeSampler:
-    """Samples prompts through every stage, the batch sharded over all devices' data axis."""
+    """Samples prompts through every stage, the batch sharded over all devices' data axis.
+    `from_images`: the first stage is an SR stage fed given images (`run_stage`'s previous)."""
 
-    def __init__(self, stages: Sequence[Stage], mesh=None):
-        check_chain(stages)
+    def __init__(self, stages: Sequence[Stage], mesh=None, from_images: bool = False):
+        check_chain(stages, from_images)
         if mesh is not None:  # params replicated beside the sharded batch
             from ediffi_jax.parallel.mesh import replicated
 
@@ -187,34 +188,49 @@ class CascadeSampler:
         prompts = list(prompts) + [prompts[-1]] * pad
         if style_images is not None:
             style_images = list(style_images) + [style_images[-1]] * pad
-        indices = np.arange(first_index, first_index + len(prompts))
         encoded: dict = {}
         outputs, previous = [], None
-        for k, (stage, runner) in enumerate(zip(self.stages, self.runners)):
-            model = stage.run.stage.model
-            key, conditioner = self.conditioner(stage)
-            if key not in encoded:
-                encoded[key] = conditioner.encode(prompts, style_images)
-            cond = encoded[key]
-            if not stage.style:
-                cond = cond.replace(clip_image=np.zeros_like(cond.clip_image))
-            if paint is not None and stage.paint:
-                cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
+        for k in range(len(self.stages)):
             last = k == len(self.stages) - 1
-            res = (resolution if last and resolution else None) or stage.resolution
-            seed_key = jax.random.key(seed) if k == 0 else jax.random.fold_in(jax.random.key(seed), k)
-            cond = self._place(cond)
-            if stage.lowres_scale:
-                cond = self._lowres(cond, previous, res, stage.sampling.noise_aug_sigma,
-                                    example_keys(seed_key, self._place(indices)))
-            x = denoise_batch(stage.run, stage.ensemble, cond, indices, seed=seed_key,
-                              sampling=stage.sampling, resolution=res,
-                              native_resolution=stage.resolution, runner=runner,
-                              highres=stage.highres, batch_sharding=self._sharding(),
-                              paint=paint.settings if paint is not None and stage.paint else None)
-            previous = jnp.clip(x, -1.0, 1.0)
+            previous = self.run_stage(k, prompts, previous, seed=seed, first_index=first_index,
+                                      paint=paint, style_images=style_images,
+                                      resolution=resolution if last else None, encoded=encoded)
             outputs.append(to_uint8(gather(previous))[:n])
         return outputs
+
+    def run_stage(self, k: int, prompts: Sequence[str], previous=None, *, seed: int = 0,
+                  first_index: int = 0, paint=None, style_images=None,
+                  resolution: int | None = None, encoded: dict | None = None) -> jax.Array:
+        """Stage k's images (float, clipped to [-1, 1]) for `prompts`, from the previous
+        stage's images `previous` ([N, h, w, 3] in [-1, 1]) for an SR stage. `encoded` caches
+        the conditioning between stages of one batch."""
+        stage, runner = self.stages[k], self.runners[k]
+        model = stage.run.stage.model
+        key, conditioner = self.conditioner(stage)
+        encoded = {} if encoded is None else encoded
+        if key not in encoded:
+            encoded[key] = conditioner.encode(list(prompts), style_images)
+        cond = encoded[key]
+        if not stage.style:
+            cond = cond.replace(clip_image=np.zeros_like(cond.clip_image))
+        if paint is not None and stage.paint:
+            cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
+        res = resolution or stage.resolution
+        indices = np.arange(first_index, first_index + len(prompts))
+        seed_key = jax.random.key(seed) if k == 0 else jax.random.fold_in(jax.random.key(seed), k)
+        cond = self._place(cond)
+        if stage.lowres_scale:
+            if previous is None:
+                raise ValueError(f"stage {stage.name!r} upsamples: give the previous images")
+            cond = self._lowres(cond, self._place(jnp.asarray(previous)), res,
+                                stage.sampling.noise_aug_sigma,
+                                example_keys(seed_key, self._place(indices)))
+        x = denoise_batch(stage.run, stage.ensemble, cond, indices, seed=seed_key,
+                          sampling=stage.sampling, resolution=res,
+                          native_resolution=stage.resolution, runner=runner,
+                          highres=stage.highres, batch_sharding=self._sharding(),
+                          paint=paint.settings if paint is not None and stage.paint else None)
+        return jnp.clip(x, -1.0, 1.0)
 
     @staticmethod
     def _lowres(cond, previous, size: int, sigma: float, keys):

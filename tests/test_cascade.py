@@ -143,13 +143,13 @@ def stage_config(stage, extra=()):
                        schema=run_schema())
 
 
-def write_stage(root, stage, seed, extra=()):
+def write_stage(root, stage, seed, extra=(), name=None):
     """A tiny random stage as an export: config.json + params.safetensors."""
     from ediffi_jax.models.unet import UNetConfig
     from ediffi_jax.config import section
 
     config = stage_config(stage, extra)
-    out = root / stage
+    out = root / (name or stage)
     out.mkdir()
     params = tiny_params(section(UNetConfig, config.model, "model"), seed)
     save_file({k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()},
@@ -161,9 +161,13 @@ def write_stage(root, stage, seed, extra=()):
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
-    for seed, stage in enumerate(STAGES):
-        write_stage(root, stage, seed)
-    spec = {"stages": [{"ensemble": "base16"}, {"ensemble": "sr32", "sampling": {"num_steps": 2}},
+    write_stage(root, "base16", 0)
+    write_stage(root, "sr64", 2)
+    # The SR32 stage is an ensemble of two experts (as the paper's Config-B's SR256).
+    for seed, (name, q) in enumerate((("sr32_lo", "('0','1/2')"), ("sr32_hi", "('1/2','1')"))):
+        write_stage(root, "sr32", 3 + seed, [f"train.sigma_quantiles={q}"], name=name)
+    (root / "sr32.json").write_text(json.dumps({"experts": ["sr32_lo", "sr32_hi"]}))
+    spec = {"stages": [{"ensemble": "base16"}, {"ensemble": "sr32.json", "sampling": {"num_steps": 2}},
                        {"ensemble": "sr64", "paint": False}]}
     (root / "cascade.json").write_text(json.dumps(spec))
     return root
@@ -178,21 +182,24 @@ def test_cascade_pipeline_end_to_end(cascade):
     assert [s.name for s in stages] == ["base16", "sr32", "sr64"]
     assert [s.resolution for s in stages] == [8, 16, 32]
     assert stages[1].sampling.num_steps == 2 and stages[2].sampling.num_steps == 3
+    assert len(stages[1].ensemble) == 2
     assert not stages[2].paint
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    out = CascadeSampler(stages)(prompts, seed=1)
+    sampler = CascadeSampler(stages)
+    out = sampler(prompts, seed=1)
     assert [o.shape for o in out] == [(3, 8, 8, 3), (3, 16, 16, 3), (3, 32, 32, 3)]
     assert all(o.dtype == np.uint8 and o.std() > 1 for o in out)
     # The base stage is the base model sampled alone; sharding the batch (padded to the 8
     # devices) changes nothing.
     base = stages[0]
-    alone = generate(base.run, base.ensemble, prompts, seed=1, sampling=base.sampling)
+    alone = generate(base.run, base.ensemble, prompts, seed=1, sampling=base.sampling,
+                     runner=sampler.runners[0])
     np.testing.assert_array_equal(out[0], alone)
     sharded = CascadeSampler(stages, make_mesh((-1, 1, 1)))(prompts, seed=1)
     for a, b in zip(out, sharded):
         assert np.abs(a.astype(int) - b).max() <= 1
     # The SR stages follow their input: another base image gives another upsampled one.
-    other = CascadeSampler(stages)(prompts, seed=2)
+    other = sampler(prompts, seed=2)
     assert np.abs(other[2].astype(int) - out[2]).mean() > 1
 
 
@@ -234,6 +241,16 @@ def test_sample_cli_runs_the_cascade_in_batches(cascade, tmp_path, capsys):
     assert sample_main(["--cascade", str(cascade / "cascade.json"), "--stages", "sr32",
                         "--prompt", "x", "--out", str(out)]) == 2
     assert "super-resolution model" in capsys.readouterr().err
+    # ScaleCrafter on the last stage, past its native 16x16; the base stage is unaffected.
+    big = tmp_path / "big"
+    assert sample_main(["--cascade", str(cascade / "cascade.json"), "--stages", "base16,sr32",
+                        "--prompt", "a red circle", "--num", "1", "--resolution", "32",
+                        "--highres", "scalecrafter", "--out", str(big)]) == 0
+    log = capsys.readouterr().out
+    base_plan, sr_plan = log.split("stage sr32")
+    assert "layers [" not in base_plan and "layers [" in sr_plan
+    assert Image.open(big / "sr32" / "0000_a_red_circle.png").size == (32, 32)
+    assert Image.open(big / "base16" / "0000_a_red_circle.png").size == (8, 8)
 
 
 def test_trainer_trains_a_patch_sr_stage(tmp_path):
