@@ -201,6 +201,22 @@ def test_cascade_pipeline_end_to_end(cascade):
     # The SR stages follow their input: another base image gives another upsampled one.
     other = sampler(prompts, seed=2)
     assert np.abs(other[2].astype(int) - out[2]).mean() > 1
+    # Paint-with-words masks reach the stages whose entry allows it (not sr64).
+    from ediffi_jax.paint.masks import PhraseMask
+    from sample.generate import Paint
+
+    left = np.zeros((32, 32), np.float32)
+    left[:, :16] = 1
+    paint = Paint((PhraseMask("circle", left, 1.0),), scale=8.0)
+    painted = sampler(["a red circle"], seed=1, paint=paint)
+    plain = sampler(["a red circle"], seed=1)
+    assert np.abs(painted[0].astype(int) - plain[0]).max() > 0
+    # From the same input, sr32 (paint on) changes with the masks, sr64 (paint off) does not.
+    for k, changes in ((1, True), (2, False)):
+        previous = jnp.asarray(plain[k - 1], jnp.float32)[None, 0] / 127.5 - 1
+        a, b = (sampler.run_stage(k, ["a red circle"], previous, seed=1, paint=p)
+                for p in (paint, None))
+        assert (float(jnp.abs(a - b).max()) > 0) == changes
 
 
 def test_cascade_errors_before_sampling(cascade, tmp_path):
