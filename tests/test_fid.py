@@ -275,13 +275,13 @@ def random_params(seed=0):
 
     def leaf(path, spec):
         if path[-1].key == "kernel":
-            return rng.normal(0, np.sqrt(2 / np.prod(spec.shape[:3])), spec.shape)
+            scale = np.sqrt(2 / np.prod(spec.shape[:3]), dtype=np.float32)
+            return rng.standard_normal(spec.shape, np.float32) * scale
         if path[-1].key == "var":
-            return rng.uniform(0.5, 2, spec.shape)
-        return rng.normal(0, 0.1, spec.shape)
+            return rng.uniform(0.5, 2, spec.shape).astype(np.float32)
+        return rng.normal(0, 0.1, spec.shape).astype(np.float32)
 
-    tree = jax.tree_util.tree_map_with_path(leaf, inception.abstract_params())
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+    return jax.tree_util.tree_map_with_path(leaf, inception.abstract_params())
 
 
 def test_inception_gives_2048_features_at_299():
@@ -292,20 +292,21 @@ def test_inception_gives_2048_features_at_299():
 
 
 def test_sharded_extraction_pads_batches_and_matches_one_unsharded_call():
-    """3 images over 8 devices in batches of 2 (rounded up to 8, the last padded): the same
-    features, in order, as one plain apply; a different batch size changes nothing."""
+    """5 images over a 4-device data axis: in batches of 2 (rounded up to 4: a full step, then
+    1 image padded to 4) and of 16 (one step of 5 padded to 8), the same features, in order,
+    as one plain apply."""
     params = random_params()
-    images = np.random.default_rng(6).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
-    mesh = make_mesh()
-    assert mesh.shape["data"] == 8
-    got = fid.extract_features(images, params, batch_size=2, mesh=mesh, size=75, progress=False)
-    plain = inception.InceptionV3().apply({"params": params}, fid.preprocess(images, 75))
-    assert got.shape == (3, 2048) and got.dtype == np.float32
-    assert np.all(np.isfinite(got)) and np.std(got) > 1e-3
-    np.testing.assert_allclose(got, np.asarray(plain), rtol=1e-5, atol=1e-5)
-    again = fid.extract_features(images[::-1], params, batch_size=16, mesh=mesh, size=75,
-                                 progress=False)
-    np.testing.assert_allclose(again[::-1], got, rtol=1e-5, atol=1e-5)
+    images = np.random.default_rng(6).integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    mesh = make_mesh((4, 1, 1), jax.devices()[:4])
+    apply = jax.jit(lambda p, x: inception.InceptionV3().apply({"params": p},
+                                                               fid.preprocess(x, 75)))
+    plain = np.asarray(apply(params, images))
+    assert np.std(plain) > 1e-3  # random params that do not wash the images out
+    for batch_size in (2, 16):
+        got = fid.extract_features(images, params, batch_size=batch_size, mesh=mesh, size=75,
+                                   progress=False)
+        assert got.shape == (5, 2048) and got.dtype == np.float32
+        np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_extraction_rejects_images_that_are_not_uint8_rgb():

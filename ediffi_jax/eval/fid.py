@@ -17,6 +17,7 @@ the reference; clean-fid's antialiased resize gives other numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import math
 import os
@@ -76,9 +77,11 @@ def check_images(images, source: str = "images") -> None:
         raise ValueError(f"{source}: no images")
 
 
+@functools.lru_cache(maxsize=None)
 def feature_function(mesh, size: int = INCEPTION_SIZE):
     """jit(params, uint8 images [B, H, W, 3]) -> float32 [B, 2048], with the batch sharded over
-    the mesh's data axes (B a multiple of their size) and the params replicated."""
+    the mesh's data axes (B a multiple of their size) and the params replicated. One per mesh
+    and size, so repeated evaluations in a process compile once."""
     model = InceptionV3()
 
     def features(params, images):
@@ -92,15 +95,16 @@ def extract_features(images: Sequence, params, *, batch_size: int = 64, mesh=Non
                      size: int = INCEPTION_SIZE, progress: bool = True) -> np.ndarray:
     """Pool3 features (float32 [N, 2048]) of uint8 images [N, H, W, 3]: a numpy array or anything
     with len() and slices that load as one (ImageFolder). Each step runs a batch of `batch_size`
-    rounded up to a multiple of the devices; the last is padded, so one compile serves all."""
+    (at most N) rounded up to a multiple of the devices; the last is padded, so one compile
+    serves all."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if jax.process_count() > 1:
         raise NotImplementedError("extract_features feeds one process's devices; run it per host")
     mesh = mesh if mesh is not None else make_mesh()
-    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    step = -(-batch_size // shards) * shards
     total, source = len(images), getattr(images, "source", "images")
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    step = -(-min(batch_size, total) // shards) * shards  # a small set is not padded to a batch
     first = np.asarray(images[:1])
     check_images(images if isinstance(images, np.ndarray) else first, source)
     fn = feature_function(mesh, size)
