@@ -42,18 +42,8 @@ def cases(num: int, seed: int = 0):
     return out
 
 
-def placed(image, colour: str, regions) -> tuple[bool, bool]:
-    """(every object of the asked colour has its centroid inside a painted cell -- at least one
-    object; and the stricter: exactly two objects, one in each painted cell)."""
-    from ediffi_jax.data.shapes import object_centroids, region_of
-
-    res = image.shape[0]
-    cells = [region_of(x, y, res) for x, y in object_centroids(image, colour)]
-    inside = bool(cells) and all(c in regions for c in cells)
-    return inside, inside and sorted(cells) == sorted(regions)
-
-
 def run(model: str, num: int, scales, weight: str, out: str | None, batch: int = 64):
+    from ediffi_jax.eval.fidelity import paint_position_accuracy
     from ediffi_jax.paint.bias import PaintSettings
     from ediffi_jax.paint.masks import PhraseMask
     from sample.generate import Paint, generate, grid, load_ensemble
@@ -73,9 +63,9 @@ def run(model: str, num: int, scales, weight: str, out: str | None, batch: int =
                                     for _, phrase, _, pair in chunk), scale, PaintSettings(weight))
             images += list(generate(run_spec, ensemble, [c[0] for c in chunk], paint=paint,
                                     first_index=i))
-        hits = np.array([placed(img, c[2], c[3]) for img, c in zip(images, todo)])
-        rows.append(dict(scale=scale, placed=float(hits[:, 0].mean()),
-                         placed_two=float(hits[:, 1].mean()), seconds=time.perf_counter() - t))
+        acc = paint_position_accuracy(images, [c[2] for c in todo], [c[3] for c in todo])
+        rows.append(dict(scale=scale, placed=acc["placed"], placed_two=acc["one_per_region"],
+                         seconds=time.perf_counter() - t))
         print(f"  scale {scale:g}: placed {rows[-1]['placed']:.3f}, one in each cell "
               f"{rows[-1]['placed_two']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
         if out:
