@@ -281,6 +281,28 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_model, tiny_clip, tmp_path):
         assert np.asarray(im.convert("L")).std() > 5  # something is drawn
 
 
+def test_reference_images_and_captions_from_records(tiny_model, tmp_path, capsys):
+    from ediffi_jax.data.records import write_records
+
+    images, captions = shapes_set(5, resolution=16)
+    grey = images[..., 0]  # [N, H, W] records (as the greyscale datasets store them)
+    write_records(tmp_path / "rgb", ({"image": im, "caption": c} for im, c in zip(images, captions)),
+                  progress=False)
+    write_records(tmp_path / "grey", ({"image": g, "caption": "a photo of a cat"} for g in grey),
+                  progress=False)
+    np.testing.assert_array_equal(sweep.reference_images(str(tmp_path / "rgb")), images)
+    np.testing.assert_array_equal(sweep.reference_images(str(tmp_path / "grey")),
+                                  np.repeat(grey[..., None], 3, axis=-1))
+    assert sweep.records(str(tmp_path / "rgb"), 3, "caption") == captions[:3]
+    with pytest.raises(ValueError, match="holds 5 records, 6 are asked for"):
+        sweep.records(str(tmp_path / "rgb"), 6)
+    # Captions that are not shapes captions need the CLIP score: an error before any sampling.
+    args = ["--ensemble", tiny_model, "--num", "4", "--captions", str(tmp_path / "grey"),
+            "--ref-images", str(tmp_path / "rgb"), "--out", str(tmp_path / "s.png")]
+    assert sweep.main(args, features=pooled_features) == 2
+    assert "give --clip CLIP_DIR" in capsys.readouterr().err
+
+
 def test_sweep_command_line_errors(tiny_model, tmp_path, capsys):
     base = ["--ensemble", tiny_model, "--out", str(tmp_path / "s.png")]
     cases = [(["--scales", "0,a", "--ref-shapes", "8"], "--scales must be"),

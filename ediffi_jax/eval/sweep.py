@@ -71,9 +71,10 @@ def records(path: str, num: int | None = None, field: str = "image") -> list:
     return [source[i][field] for i in range(num)]
 
 
-def reference_images(path: str) -> np.ndarray | object:
+def reference_images(path: str):
     """Images for reference statistics: a folder of images or an .npz (as ediffi_jax.eval.fid
-    reads them), or an ArrayRecord dataset prefix (its `image` field, made RGB)."""
+    reads them, lazily for a folder), or an ArrayRecord dataset prefix (its `image` field, made
+    RGB uint8 [N, H, W, 3])."""
     from ediffi_jax.eval.fid import load_images
 
     if os.path.isdir(path) or path.endswith(".npz"):
@@ -290,7 +291,9 @@ def main(argv=None, *, features: Features | None = None) -> int:
         run, ensemble = load_ensemble(args.ensemble)
         sampling = sampling_with_overrides(run, [o.replace("--config.", "", 1) for o in overrides])
         if args.captions:
-            captions = [str(c) for c in records(args.captions, args.num, "caption")]
+            captions = records(args.captions, args.num, "caption")
+            if not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"{args.captions}: the records' `caption` must be a string")
             prompts = f"captions of the first {args.num} records of {args.captions}"
         else:
             if run.data.name != "shapes":
