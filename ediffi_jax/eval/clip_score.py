@@ -1,9 +1,11 @@
 """CLIP score of images against their captions, with the user's CLIP weights (local, HF layout).
 
-The definition is torchmetrics' `CLIPScore` (and the eDiff-I / Imagen / SD papers' "CLIP score"):
-for each (image, caption) pair, 100 * max(cos(E_image, E_text), 0), averaged over the pairs, with
-E the projected embeddings of CLIP's vision and text towers. Hessel et al.'s CLIP-S is the same
-cosine with weight 2.5 instead of 100 (multiply by 0.025 to compare).
+The definition is Hessel et al.'s CLIP-S with the weight 100 that torchmetrics' `CLIPScore`
+documents (and text-to-image papers report): for each (image, caption) pair,
+100 * max(cos(E_image, E_text), 0), averaged over the pairs, with E the projected embeddings of
+CLIP's vision and text towers. Hessel et al. weigh by 2.5 (multiply by 0.025 to compare).
+torchmetrics' code clamps the mean instead of each pair (max(mean(100 cos), 0)); the two agree
+whenever no pair has a negative cosine, as with real CLIP models on their own captions.
 
 The towers, their Hugging Face loading, the tokenizer and CLIP's image preprocessing (bicubic
 resize of the short side, centre crop, mean/std) are the encoders package's own
