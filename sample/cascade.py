@@ -34,8 +34,9 @@ from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet
-from sample.generate import denoise_batch, load_ensemble, sample_settings, to_uint8
-from train.trainer import RunSpec, image_resolution
+from sample.generate import (denoise_batch, expert_workdirs, load_ensemble, run_config,
+                             sample_settings, to_uint8)
+from train.trainer import RunSpec, image_resolution, parse_run
 
 STAGE_KEYS = ("ensemble", "sampling", "paint", "style")
 
@@ -114,27 +115,34 @@ def read_cascade(path: str, names: Sequence[str] | None = None,
     if not entries or not all(isinstance(e, dict) and "ensemble" in e for e in entries):
         raise ConfigError(f'{path}: expected {{"stages": [{{"ensemble": PATH, ...}}, ...]}}')
     base = os.path.dirname(os.path.abspath(path))
-    stages, file_overrides = [], []
     for entry in entries:
         unknown = set(entry) - set(STAGE_KEYS)
         if unknown:
             raise ConfigError(f"{path}: unknown stage keys {sorted(unknown)} (allowed: "
                               f"{', '.join(STAGE_KEYS)})")
-        stage = load_stage(os.path.join(base, entry["ensemble"]), (),
-                           bool(entry.get("paint", True)), bool(entry.get("style", True)))
-        stages.append(stage)
-        file_overrides.append([f"sampling.{k}={v!r}" for k, v in entry.get("sampling", {}).items()])
-    by_name = split_stage_overrides(overrides, [s.name for s in stages])
-    stages = [
-        dataclasses.replace(stage, **dict(zip(("sampling", "highres"), sample_settings(
-            stage.run, file_overrides[i] + by_name[stage.name]))))
-        for i, stage in enumerate(stages)]
-    if names:
-        known = [s.name for s in stages]
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ConfigError(f"--stages {missing} not in {path} (its stages: {known})")
-        stages = [s for s in stages if s.name in names]
+    paths = [os.path.join(base, e["ensemble"]) for e in entries]
+    # Names come from the configs; only the chosen stages are loaded (an unchosen one may be
+    # still untrained).
+    known, unreadable = [], []
+    for stage_path in paths:
+        try:
+            known.append(parse_run(run_config(expert_workdirs(stage_path)[0])).stage.name)
+        except (ConfigError, OSError) as e:
+            known.append(None)
+            unreadable.append(e)
+    missing = [n for n in names or () if n not in known]
+    if unreadable and (missing or not names):
+        raise unreadable[0]
+    if missing:
+        raise ConfigError(f"--stages {missing} not in {path} (its stages: {known})")
+    by_name = split_stage_overrides(overrides, known)
+    stages = []
+    for name, entry, stage_path in zip(known, entries, paths):
+        if names and name not in names:
+            continue
+        file_overrides = [f"sampling.{k}={v!r}" for k, v in entry.get("sampling", {}).items()]
+        stages.append(load_stage(stage_path, file_overrides + by_name[name],
+                                 bool(entry.get("paint", True)), bool(entry.get("style", True))))
     check_chain(stages)
     return tuple(stages)
 

@@ -50,6 +50,9 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 def expert_workdirs(path: str) -> list[str]:
     if os.path.isdir(path):
         return [path]
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist: give an ensemble.json, a run's workdir or an "
+                          "export")
     with open(path) as f:
         spec = json.load(f)
     if "experts" not in spec or not spec["experts"]:

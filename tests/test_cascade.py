@@ -233,6 +233,13 @@ def test_cascade_errors_before_sampling(cascade, tmp_path):
     bad.write_text(json.dumps({"stages": [{"ensemble": str(cascade / "base16"), "guidance": 2}]}))
     with pytest.raises(ConfigError, match="unknown stage keys \\['guidance'\\]"):
         read_cascade(str(bad))
+    # A stage not chosen may be untrained; chosen (or all), it is an error.
+    pending = tmp_path / "pending.json"
+    pending.write_text(json.dumps({"stages": [{"ensemble": str(cascade / "base16")},
+                                              {"ensemble": str(tmp_path / "untrained")}]}))
+    assert [s.name for s in read_cascade(str(pending), ["base16"])] == ["base16"]
+    with pytest.raises(ConfigError, match="untrained"):
+        read_cascade(str(pending))
     twice = tmp_path / "twice.json"
     twice.write_text(json.dumps({"stages": [{"ensemble": str(cascade / "base16")},
                                             {"ensemble": str(cascade / "base16")}]}))
