@@ -18,6 +18,19 @@ def test_shipped_configs_parse():
         assert len(spec.experts) == n
         assert spec.model.channels == 256 and spec.model.channel_mult == (1, 2, 4, 4)
         assert spec.model.num_res_blocks == 3 and spec.model.attention_resolutions == (32, 16, 8)
+    # The SR stages: Efficient-U-Net-like block counts, attention at 32 only, SR1024 patch-trained
+    # without self-attention; Config-B's SR256 has two equal-mass experts.
+    from ediffi_jax.models.unet import attention_block_names, conv3x3_levels
+    from train.trainer import image_resolution, parse_run, run_schema
+
+    sr256 = parse_run(load_config("configs/sr.py:256", schema=run_schema()))
+    assert [sr256.stage.model.blocks(lvl) for lvl in range(4)] == [2, 4, 8, 8]
+    assert sr256.stage.model.attention_levels == {3} and sr256.stage.model.lowres_scale == 4
+    assert sum(k.startswith("down3_res") and k.endswith("conv1") for k in conv3x3_levels(sr256.stage.model)) == 8
+    sr1024 = parse_run(load_config("configs/sr.py:1024", schema=run_schema()))
+    assert image_resolution(sr1024) == 1024 and sr1024.stage.model.resolution == 256
+    assert not sr1024.stage.model.self_attention and len(attention_block_names(sr1024.stage.model)) == 8 + 1 + 9
+    assert [str(e.q_hi) for e in parse_config(load_config("configs/sr.py:256-B")).experts] == ["1/2", "1"]
 
 
 def test_unknown_override_key_suggests_close_match():
