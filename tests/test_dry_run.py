@@ -123,3 +123,18 @@ def test_gradient_accumulation_cuts_activation_memory_on_a_sharded_batch():
                                  "train.grad_accum=4"), devices=8)
     assert four.per_device_batch == one.per_device_batch // 4
     assert four.temp_bytes < 0.5 * one.temp_bytes
+
+
+def test_dry_run_plans_a_patch_trained_sr_stage():
+    """An SR stage's batch: 8x8 patches, whole 8x8 low-res images of the 16x16 originals and the
+    patch corners, besides the text conditioning."""
+    config = load_config("configs/tiny.py", MINIMAL + [
+        "model.lowres_scale=2", "data.resolution=16", "mesh.shape=(2,1,1)"], run_schema())
+    plan = plan_run(config, devices=2)
+    base = plan_run(load_config("configs/tiny.py", MINIMAL + ["mesh.shape=(2,1,1)"], run_schema()),
+                    devices=2)
+    per_device = 16 // 2
+    assert plan.batch_bytes - base.batch_bytes == per_device * (8 * 8 * 3 * 4 + 2 * 4)
+    with pytest.raises(ConfigError, match="smaller than model.resolution"):
+        plan_run(load_config("configs/tiny.py", MINIMAL + ["model.lowres_scale=2",
+                                                           "data.resolution=4"], run_schema()))
