@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from ediffi_jax.diffusion import edm
-from ediffi_jax.models.layers import ConvSetting, GroupNorm, attention, conv2d, norm_groups
+from ediffi_jax.models.layers import (
+    ConvSetting, GroupNorm, attention, conv2d, norm_groups, upsample_nearest,
+)
 from ediffi_jax.models.unet import UNet, UNetConfig, check_conv_settings, conv_layer_paths, noise_embedding
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
 
@@ -51,6 +53,51 @@ def test_group_norm_matches_numpy_in_float32():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref.reshape(x.shape), atol=0.03)
     y32 = GroupNorm().apply(params, x)
     np.testing.assert_allclose(y32, ref.reshape(x.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 24), (3, 7, 12), (2, 8)])
+def test_group_norm_values_and_gradients_match_the_grouped_reference(shape):
+    """Per-channel statistics combined per group (the fast CPU form) equal the textbook
+    [..., G, C/G] reduction, values and gradients, with a large common offset (two passes)."""
+    rng = np.random.default_rng(3)
+    c = shape[-1]
+    g = norm_groups(c)
+    x = jnp.asarray(rng.normal(50.0, 0.5, size=shape), jnp.float32)
+    scale = jnp.asarray(rng.normal(1.0, 0.5, size=c), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=c), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def reference(x, scale, bias):
+        xg = x.reshape(x.shape[:-1] + (g, c // g))
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = jnp.mean(xg, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+        return ((xg - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+
+    ours = lambda x, scale, bias: GroupNorm().apply(  # noqa: E731
+        {"params": {"scale": scale, "bias": bias}}, x)
+    np.testing.assert_allclose(ours(x, scale, bias), reference(x, scale, bias), atol=2e-4)
+    xg = np.asarray(x, np.float64).reshape(shape[:-1] + (g, c // g))
+    axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+    exact = ((xg - xg.mean(axis=axes, keepdims=True)) / np.sqrt(xg.var(axis=axes, keepdims=True) + 1e-5))
+    np.testing.assert_allclose(ours(x, scale, bias), exact.reshape(shape) * np.asarray(scale)
+                               + np.asarray(bias), atol=2e-4)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * weight)  # noqa: E731
+    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(x, scale, bias)
+    ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(x, scale, bias)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
+
+
+def test_upsample_nearest_equals_image_resize_values_and_gradient():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(2, 6, 10, 4)), jnp.float32)
+    resize = lambda x: jax.image.resize(x, (2, 6, 10, 4), method="nearest")  # noqa: E731
+    np.testing.assert_array_equal(upsample_nearest(x), resize(x))
+    np.testing.assert_array_equal(upsample_nearest(x)[:, 1::2, 1::2], x)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weight))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(upsample_nearest), grad(resize), atol=1e-6)
 
 
 def test_attention_matches_numpy_with_mask_and_bias():

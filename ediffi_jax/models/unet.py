@@ -23,6 +23,7 @@ from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.paint.bias import PaintSettings, bias_fn as paint_bias_fn
 from ediffi_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS, Conv, ConvSetting, ConvSettings, Dense, GroupNorm, attention,
+    upsample_nearest,
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -215,9 +216,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x, conv_settings):
-        b, h, w, c = x.shape
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
-        return Conv(c, dtype=self.dtype, name="conv")(x, conv_settings)
+        return Conv(x.shape[-1], dtype=self.dtype, name="conv")(upsample_nearest(x), conv_settings)
 
 
 class UNet(nn.Module):
