@@ -185,12 +185,22 @@ def test_presets_redilate_every_inner_level_by_the_factor():
     levels = conv3x3_levels(CFG)
     inner = {p for p, lvl in levels.items() if lvl >= 1}
     p2, p4 = preset(levels, 2.0), preset(levels, 4.0)
-    assert p2.dilation == {p: 2.0 for p in inner} and p4.dilation == {p: 4.0 for p in inner}
-    assert p2.disperse == () and set(p4.disperse) == inner  # dispersion from 16x area on
+    assert p2.dilation == {p: 2.0 for p in inner}
+    # From 4x side also the outermost decoder level by 2 and the upsampler into it by 4 (the
+    # official SD 2.1 2048^2 pattern); never the encoder's outermost level.
+    outer_decoder = {p for p, lvl in levels.items() if lvl == 0 and p.startswith("up")}
+    assert outer_decoder == {"up1_upsample/conv"} | {
+        f"up0_res{i}/conv{j}" for i in range(CFG.num_res_blocks + 1) for j in (1, 2)}
+    assert p4.dilation == {**{p: 4.0 for p in inner}, **{p: 2.0 for p in outer_decoder},
+                           "up1_upsample/conv": 4.0}
+    assert not any(p.startswith("down0_") for p in p4.dilation)
+    assert p2.disperse == () and set(p4.disperse) == set(p4.dilation)  # from 16x area on
     assert not p4.progressive and p4.ndcfg is None
-    mild = preset(levels, 4.0, ndcfg=True).ndcfg
-    assert {mild[p] for p in inner if levels[p] == 1} == {2.0}
-    assert {mild[p] for p in inner if levels[p] == 2} == {4.0}
+    mild = preset(levels, 4.0, ndcfg=True).ndcfg  # the outermost re-dilated level at half
+    assert mild == {p: (pf / 2 if levels[p] == 0 else pf) for p, pf in p4.dilation.items()}
+    mild2 = preset(levels, 2.0, ndcfg=True).ndcfg
+    assert {mild2[p] for p in inner if levels[p] == 1} == {1.0}
+    assert {mild2[p] for p in inner if levels[p] == 2} == {2.0}
     assert preset(levels, 1.0) is None
     assert HighResConfig(method="scalecrafter").plan(levels, 4.0) == p4
     assert HighResConfig().plan(levels, 4.0) is None
@@ -200,10 +210,13 @@ def test_plan_validation_errors():
     levels = conv3x3_levels(CFG)
     with pytest.raises(ValueError, match="not a 3x3 conv of this U-Net; did you mean"):
         HighResPlan({"mid_res0/conv3": 2}).validate(levels)
-    with pytest.raises(ValueError, match="outermost level"):
+    with pytest.raises(ValueError, match="outermost encoder level"):
         HighResPlan({"down0_res0/conv1": 2}).validate(levels)
-    with pytest.raises(ValueError, match="outermost level"):
+    with pytest.raises(ValueError, match="outermost encoder level"):
+        HighResPlan({"down0_downsample/conv": 2}).validate(levels)
+    with pytest.raises(ValueError, match="outermost encoder level"):
         HighResPlan({"conv_in": 2}).validate(levels)
+    HighResPlan({"up0_res0/conv1": 2, "up1_upsample/conv": 4}).validate(levels)  # decoder: allowed
     with pytest.raises(ValueError, match="not a 3x3 conv"):
         HighResPlan({"down1_res0/skip": 2}).validate(levels)
     with pytest.raises(ValueError, match="factors are >= 1"):
@@ -214,6 +227,6 @@ def test_plan_validation_errors():
         HighResPlan({"mid_res0/conv1": 1.5}, disperse=("mid_res0/conv1",))
     with pytest.raises(ValueError, match="highres.method must be one of"):
         HighResConfig(method="fouriscale")
-    with pytest.raises(ValueError, match="ndcfg names 'up0_res0/conv1'"):
+    with pytest.raises(ValueError, match="ndcfg names 'down0_res0/conv1'"):
         HighResConfig(method="scalecrafter", dilation={"mid_res0/conv1": 2},
-                      ndcfg_dilation={"up0_res0/conv1": 2}).plan(levels, 2.0)
+                      ndcfg_dilation={"down0_res0/conv1": 2}).plan(levels, 2.0)

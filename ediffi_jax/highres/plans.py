@@ -10,8 +10,10 @@ unconditional base term from a milder plan (`ndcfg`), the guidance difference fr
 
 The plan turns into per-step static conv settings (`layer_settings(sigmas)`); the sampling plan
 makes every distinct setting a segment, so each compiles once. Nothing touches conv_in,
-conv_out, 1x1 convs, attention or the outermost level: a plan naming one of those, or a path the
-U-Net does not have, is an error (the official code silently skips unknown names).
+conv_out, 1x1 convs, attention or the outermost encoder level: a plan naming one of those, or a
+path the U-Net does not have, is an error (the official code silently skips unknown names). The
+outermost decoder level may be re-dilated, as the official SD 2.1 2048^2 setting does
+(up_blocks.3 by 2).
 """
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ class HighResPlan:
                     close = difflib.get_close_matches(path, sorted(levels), n=3)
                     raise ValueError(f"highres {name} names {path!r}, not a 3x3 conv of this U-Net"
                                      + (f"; did you mean {close}?" if close else ""))
-                if levels[path] <= 0:
+                if levels[path] < 0 or (levels[path] == 0 and not path.startswith("up")):
                     raise ValueError(f"highres {name} names {path!r}: conv_in, conv_out and the "
-                                     "outermost level's convs are never re-dilated")
+                                     "outermost encoder level's convs are never re-dilated")
 
     def _steps(self, sigmas, threshold) -> int:
         return int(np.sum(np.asarray(sigmas[:-1]) >= threshold))
@@ -109,23 +111,32 @@ def preset(levels: Mapping[str, int], factor: float, *, sigma_tau: float | None 
            progressive: bool | None = None, disperse: bool | None = None,
            ndcfg: bool | None = None) -> HighResPlan | None:
     """The project's ScaleCrafter plan for a U-Net (its `conv3x3_levels`) at `factor` x its
-    training side: every inner level's 3x3 convs re-dilated by `factor`, none at the outermost
-    level, active while sigma >= sigma_tau (default 1.0). Dispersion (all re-dilated layers) is
-    on from 4x side (16x area), progressive and NDCFG off unless asked: the choices measured best
-    on the project's U-Net (BENCHMARKS.md), where the official SD configs taper the factor to 2
-    towards the outer decoder levels and schedule it progressively. NDCFG's milder plan halves
-    the factor at the outermost re-dilated level. None below factor 1.25 (direct sampling)."""
+    training side: every inner level's 3x3 convs re-dilated by `factor`, the encoder's outermost
+    level never; from 4x side (16x area) also the outermost decoder level, by factor / 2, and the
+    upsampler into it, by factor (the official SD 2.1 2048^2 pattern: up_blocks.3 by 2, the
+    upsampler its block's value). Active while sigma >= sigma_tau (default 1.0). Dispersion (all
+    re-dilated layers) is on from 4x side, progressive and NDCFG off unless asked: the choices
+    measured best on the project's U-Net (BENCHMARKS.md), where the official SD configs also
+    taper the inner factors towards the decoder and schedule them progressively. NDCFG's milder
+    plan halves the factor at the outermost re-dilated level (at 4x side: the decoder's outermost
+    level drops out, as in the official NDCFG sets). None below factor 1.25 (direct sampling)."""
     if factor < 1.25:
         return None
     num_levels = max(levels.values()) + 1
     if num_levels < 2:
         raise ValueError("a U-Net with one level has no inner level to re-dilate")
-    dilation = {p: float(factor) for p, lvl in levels.items() if lvl >= 1}
     big = factor >= 4 - 1e-9
-    dispersed = tuple(sorted(dilation)) if (big if disperse is None else disperse) else ()
+    dilation = {p: float(factor) for p, lvl in levels.items() if lvl >= 1}
+    if big:
+        for p, lvl in levels.items():
+            if lvl == 0 and p.startswith("up"):
+                dilation[p] = float(factor) if "upsample" in p else max(1.0, factor / 2)
+    dispersed = tuple(sorted(p for p, pf in dilation.items() if pf >= 2)) if (
+        big if disperse is None else disperse) else ()
     mild = None
     if ndcfg:
-        mild = {p: (max(1.0, pf / 2) if levels[p] == 1 else pf) for p, pf in dilation.items()}
+        outer = min(levels[p] for p in dilation)
+        mild = {p: (max(1.0, pf / 2) if levels[p] == outer else pf) for p, pf in dilation.items()}
     return HighResPlan(
         dilation=dilation,
         sigma_tau=(1.0 if sigma_tau is None else sigma_tau),
