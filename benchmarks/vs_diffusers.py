@@ -34,8 +34,11 @@ one U-Net call of 2B; JAX runs `PlanRunner` (one jitted fori_loop). Random weigh
 JAX variants (`--variants`, each compiled in this process and timed in every round):
 base (float32, XLA attention, no remat, donated), bf16 (model.dtype bfloat16), attn-auto
 (model.attention_impl "auto": jax.nn.dot_product_attention), remat (model.remat), no-donate
-(no buffer donation). Process-wide levers are flags: `--jax-devices N` (batch sharded over N
-XLA CPU devices, as the CLI does), `--xla-flags` (appended to XLA_FLAGS).
+(no buffer donation), old-norm (GroupNorm and nearest upsampling as before issue 9, traced
+with the old forms), and "xla:NAME=VALUE;NAME=VALUE" (per-compile XLA options, e.g.
+xla:xla_cpu_experimental_ynn_fusion_type= for XLA without YNNPACK). Process-wide levers are
+flags: `--jax-devices N` (batch sharded over N XLA CPU devices, as the CLI does), `--xla-flags`
+(appended to XLA_FLAGS). Results and reading: BENCHMARKS.md (issue 9).
 
 Rounds alternate torch and the JAX variants (forward order, then reversed); each side times
 `--iters` calls, a round's figure is its median. Reported: s/call per side (median over
