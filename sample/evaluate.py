@@ -14,21 +14,21 @@ import numpy as np
 
 
 def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None, batch: int = 64):
-    """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy)."""
-    from ediffi_jax.data.shapes import ShapesConfig, ShapesSource, caption_accuracy, parse_caption
-    from ediffi_jax.config import section, to_dict
+    """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy),
+    on the held-out split (ediffi_jax.eval.sweep.held_out_shapes). One sampler serves every
+    batch and the last is padded, so the plan compiles once."""
+    from ediffi_jax.data.shapes import caption_accuracy, parse_caption
+    from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.encoders.conditioner import make_conditioner
-    from sample.generate import generate
+    from ediffi_jax.eval.sweep import held_out_shapes, sample_images
+    from ediffi_jax.models.experts import unet_denoise_fn
+    from ediffi_jax.models.unet import UNet
 
-    fields = dict(to_dict(run.data.shapes) or {})
-    fields.update(resolution=run.stage.model.resolution, seed=int(fields.get("seed", 0)) + 1000)
-    source = ShapesSource(section(ShapesConfig, fields, "data.shapes"))
+    source = held_out_shapes(run)
     captions = [source[i]["caption"] for i in range(num)]
-    conditioner = make_conditioner(run.encoders, run.stage.model)
-    images = np.concatenate([
-        generate(run, ensemble, captions[i:i + batch], seed=seed, sampling=sampling, first_index=i,
-                 conditioner=conditioner)
-        for i in range(0, num, batch)])
+    images = sample_images(run, ensemble, captions, seed=seed, sampling=sampling, batch=batch,
+                           runner=PlanRunner(unet_denoise_fn(UNet(run.stage.model))),
+                           conditioner=make_conditioner(run.encoders, run.stage.model))
     rates = caption_accuracy(images, [parse_caption(c) for c in captions])
     return rates, images, captions
 

@@ -30,14 +30,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 Features = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, 3] -> float [N, D]
-HELD_OUT_SEED_OFFSET = 1000  # sample.evaluate.evaluate_shapes' held-out split
+HELD_OUT_SEED_OFFSET = 1000  # the held-out shapes split: training's seed + 1000
 
 
 # ----------------------------------------------------------------------------- data
 
 def held_out_shapes(run):
     """The shapes source of the held-out split (the run's data.shapes at the model's
-    resolution, its seed + 1000), the one sample.evaluate grades on."""
+    resolution, its seed + 1000): what sample.evaluate grades and the sweep prompts with."""
     from ediffi_jax.config import section, to_dict
     from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
 
