@@ -36,11 +36,16 @@ import os
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import numpy as np
 
+from ediffi_jax.eval.sweep import write_atomically
+
 CONFIG = "configs/expert_study.py"
-LAYOUTS = ("1", "2", "3")
+LAYOUTS = ("1", "2", "3", "1r")
+LABELS = {"1": "1 model", "2": "2 experts", "3": "3 experts",
+          "1r": "1 model, optimizer restarted at the branch step"}
 # A child's fresh optimizer warms up for this many steps: 10% of the shortest fine-tune, where
 # the config's 100 (made for a run from scratch) would fill the whole of a 100-step child.
 CHILD_WARMUP = 10
@@ -71,6 +76,8 @@ def study_plan(root: str, steps: int, shared: int, level1: int):
     d = lambda name: os.path.join(root, name)  # noqa: E731
     launches = [
         Run(d("base"), shared),
+        # The control: the baseline's second half with a fresh optimizer, as every child has.
+        Run(d("R"), steps - shared, d("base"), "0/0"),
         Run(d("E1_0"), level1, d("base"), "1/0"), Run(d("E2_0"), fifth, d("E1_0"), "2/0"),
         Run(d("E1_0"), half, d("base"), "1/0"),
         Run(d("E1_1"), level1, d("base"), "1/1"), Run(d("E2_3"), fifth, d("E1_1"), "2/3"),
@@ -79,7 +86,7 @@ def study_plan(root: str, steps: int, shared: int, level1: int):
         Run(d("base"), steps),
     ]
     experts = {"1": [d("base")], "2": [d("E1_0"), d("E1_1")],
-               "3": [d("E2_0"), d("MC"), d("E2_3")]}
+               "3": [d("E2_0"), d("MC"), d("E2_3")], "1r": [d("R")]}
     return launches, experts
 
 
@@ -111,20 +118,31 @@ def last_step(workdir: str) -> int:
     return max(steps, default=0)
 
 
+def needed(launches, experts, layouts) -> set:
+    """Workdirs the chosen layouts' experts are made from (themselves and their ancestors)."""
+    parents = {r.workdir: r.parent for r in launches if r.parent}
+    out = set()
+    for w in (w for layout in layouts for w in experts[layout]):
+        while w and w not in out:
+            out.add(w)
+            w = parents.get(w, "")
+    return out
+
+
 def train_seed(root: str, seed: int, data: str, steps: int, shared: int, level1: int,
-               log=print) -> dict:
-    """Run the seed's launches (each skipped when its workdir is already there) and write one
-    ensemble.json per layout; returns {layout: ensemble path}."""
+               layouts=LAYOUTS, log=print) -> dict:
+    """Run the launches the chosen layouts need (each skipped when its workdir has reached its
+    step) and write one ensemble.json per layout; returns {layout: ensemble path}.
+
+    A child added later, after its from-scratch parent has trained past the branch step, is
+    branched from a copy of the parent retrained to that step (`<parent>@<step>`): training
+    is deterministic, so the copy is the parent as it was there (bitwise, measured)."""
     launches, experts = study_plan(root, steps, shared, level1)
+    todo = needed(launches, experts, layouts)
     common = [f"--config.train.seed={seed}", f"--config.data.path={os.path.join(data, 'train')}"]
-    for r in launches:
-        done = last_step(r.workdir)
-        if done >= r.steps:
-            continue
-        if r.parent and done == 0 and last_step(r.parent) != _branch_step(launches, r):
-            raise RuntimeError(f"{r.workdir} is missing but its parent {r.parent} is at step "
-                               f"{last_step(r.parent)}, not the step it branches at: start "
-                               f"this seed again in a fresh --out")
+    roots = {r.workdir for r in launches if not r.parent}
+
+    def launch(r: Run):
         if not r.parent:
             cmd = ["-m", "train", "--config", CONFIG]
         elif r.node == "MC":
@@ -138,12 +156,27 @@ def train_seed(root: str, seed: int, data: str, steps: int, shared: int, level1:
         subprocess.run([sys.executable, *cmd], check=True, stdout=subprocess.DEVNULL)
         log(f"  seed {seed}: {os.path.basename(r.workdir)} -> step {r.steps} "
             f"({time.perf_counter() - t:.0f} s)")
+
+    for r in launches:
+        if r.workdir not in todo or last_step(r.workdir) >= r.steps:
+            continue
+        at = _branch_step(launches, r) if r.parent else 0
+        if r.parent and last_step(r.workdir) == 0 and last_step(r.parent) != at:
+            if r.parent not in roots or last_step(r.parent) < at:
+                raise RuntimeError(f"{r.workdir} is missing but its parent {r.parent} is at step "
+                                   f"{last_step(r.parent)}, not {at}: start this seed again in "
+                                   f"a fresh --out")
+            copy = f"{r.parent}@{at}"
+            if last_step(copy) < at:
+                launch(Run(copy, at))
+            r = dataclasses.replace(r, parent=copy)
+        launch(r)
     ensembles = {}
-    for layout, dirs in experts.items():
+    for layout in layouts:
         path = os.path.join(root, f"ensemble{layout}.json")
         if not os.path.exists(path):
-            subprocess.run([sys.executable, "-m", "train.ensemble", "--out", path, *dirs],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", "train.ensemble", "--out", path,
+                            *experts[layout]], check=True, stdout=subprocess.DEVNULL)
         ensembles[layout] = path
     return ensembles
 
@@ -183,6 +216,9 @@ class Evaluator:
         self.features = inception_features(weights)
         self.captions = records(test, num, "caption")
         self.labels = np.asarray(records(test, num, "label"))
+        # The held-out loss's images: the first 512 test images (the prompts' own among them).
+        self.loss_captions = records(test, 512, "caption")
+        self.loss_images = np.stack([np.asarray(im) for im in records(test, 512, "image")])
         path, stop = os.path.join(out, "reference.npz"), num + ref + 500
         cache = dict(np.load(path)) if os.path.exists(path) else {}
         images = lambda span: np.stack([np.asarray(im) for im in  # noqa: E731
@@ -236,12 +272,76 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
         # Sampling seed 0 for every ensemble and scale: they differ in their denoisers only.
         images = sample_images(run, ensemble, ev.captions, seed=0, sampling=sampling,
                                runner=runner, conditioner=conditioner, batch=128)
-        point = {"experts": int(layout), "seed": seed, "guidance_scale": float(scale),
+        point = {"layout": layout, "experts": len(ensemble.intervals), "seed": seed,
+                 "guidance_scale": float(scale),
                  **ev.measure(images), "num": len(images), "seconds": time.perf_counter() - t}
         with open(results, "a") as f:
             f.write(json.dumps(point) + "\n")
-        log(f"  {layout} expert(s), seed {seed}, w={scale:g}: FID {point['fid']:.2f}, "
+        log(f"  {LABELS[layout]}, seed {seed}, w={scale:g}: FID {point['fid']:.2f}, "
             f"class accuracy {point['accuracy']:.3f} ({point['seconds']:.0f} s)")
+
+
+def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8,
+                 seed: int = 0) -> list[dict]:
+    """The EDM training loss on held-out images at the middle quantile of each of `bins`
+    equal-mass bins of the training log-normal, each bin denoised by the expert owning it (with
+    the caption, no dropout; the same noise for every ensemble). Where the experts beat the one
+    model, and where not, at equal samples seen."""
+    import jax
+    import jax.numpy as jnp
+
+    from ediffi_jax.diffusion import edm
+    from ediffi_jax.diffusion.plan import SegmentSettings
+    from ediffi_jax.encoders.conditioner import make_conditioner
+    from ediffi_jax.models.experts import unet_denoise_fn
+    from ediffi_jax.models.unet import UNet
+    from sample.generate import load_ensemble
+
+    run, ensemble = load_ensemble(ensemble_path)
+    denoise = jax.jit(unet_denoise_fn(UNet(run.stage.model)), static_argnums=4)
+    cond = jax.tree.map(jnp.asarray,
+                        make_conditioner(run.encoders, run.stage.model).encode(list(captions)))
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    out = []
+    for k in range(bins):
+        q = Fraction(2 * k + 1, 2 * bins)
+        expert = next(i for i, iv in enumerate(ensemble.intervals) if iv.q_lo < q <= iv.q_hi)
+        sigma = jnp.full((len(x),), edm.sigma_at_quantile_np(float(q)), jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), k), x.shape)
+        d = denoise(ensemble.params[expert], x + edm.expand_to(sigma, x) * noise, sigma, cond,
+                    SegmentSettings())
+        out.append({"bin": k, "q": float(q), "sigma": float(sigma[0]),
+                    "expert": ensemble.intervals[expert].name,
+                    "loss": float(jnp.mean(edm.edm_loss(d, x, sigma)))})
+    return out
+
+
+def loss_table(rows: list[dict]) -> str:
+    """Held-out loss per noise bin: the 1 model's mean over seeds, and each other layout's
+    change relative to it (mean and spread over seeds of the per-seed ratio)."""
+    by = {}
+    for r in rows:
+        by.setdefault((layout_of(r), r["bin"]), {})[r["seed"]] = r
+    bins = sorted({b for _, b in by})
+    layouts = ordered({layout for layout, _ in by})
+    lines = ["| sigma (bin middle) | " + " | ".join(
+                 f"{LABELS[x]}: loss" if x == "1" else f"{LABELS[x]} vs 1 model"
+                 for x in layouts) + " |",
+             "|---|" + "---|" * len(layouts)]
+    for b in bins:
+        base = by.get(("1", b), {})
+        cells = []
+        for layout in layouts:
+            if layout == "1":
+                cells.append(f"{np.mean([r['loss'] for r in base.values()]):.4f}")
+                continue
+            mine = by.get((layout, b), {})
+            ratios = [mine[s]["loss"] / base[s]["loss"] - 1 for s in mine if s in base]
+            cells.append(f"{100 * np.mean(ratios):+.1f}% ± {100 * np.std(ratios, ddof=1):.1f}"
+                         if len(ratios) > 1 else (f"{100 * ratios[0]:+.1f}%" if ratios else ""))
+        sigma = next(iter(base.values()))["sigma"] if base else float("nan")
+        lines.append(f"| {sigma:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- report
@@ -253,30 +353,37 @@ def load_results(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def layout_of(row: dict) -> str:
+    return row.get("layout", str(row["experts"]))  # rows written before the control arm
+
+
+def ordered(layouts) -> list[str]:
+    return sorted(layouts, key=LAYOUTS.index)
+
+
 def summarise(points: list[dict]) -> dict:
-    """{(experts, scale): {"fid": (mean, std, n), "accuracy": (mean, std, n)}} over seeds."""
+    """{(layout, scale): {"fid": (mean, std, n), "accuracy": (mean, std, n)}} over seeds."""
     groups: dict = {}
     for p in points:
-        groups.setdefault((p["experts"], p["guidance_scale"]), []).append(p)
-    out = {}
-    for key, ps in sorted(groups.items()):
-        out[key] = {m: (float(np.mean([p[m] for p in ps])),
-                        float(np.std([p[m] for p in ps], ddof=1)) if len(ps) > 1 else 0.0,
-                        len(ps)) for m in ("fid", "accuracy")}
-    return out
+        groups.setdefault((layout_of(p), p["guidance_scale"]), []).append(p)
+    return {key: {m: (float(np.mean([p[m] for p in ps])),
+                      float(np.std([p[m] for p in ps], ddof=1)) if len(ps) > 1 else 0.0,
+                      len(ps)) for m in ("fid", "accuracy")}
+            for key, ps in groups.items()}
 
 
 def report(points: list[dict], plot: str | None) -> str:
     summary = summarise(points)
     scales = sorted({s for _, s in summary})
-    layouts = sorted({e for e, _ in summary})
-    lines = ["| experts | " + " | ".join(f"w={s:g}" for s in scales) + " |",
+    layouts = ordered({layout for layout, _ in summary})
+    lines = ["| ensemble | " + " | ".join(f"w={s:g}" for s in scales) + " |",
              "|---|" + "---|" * len(scales)]
     for metric, fmt in (("fid", "{:.2f} ± {:.2f}"), ("accuracy", "{:.3f} ± {:.3f}")):
-        for e in layouts:
-            cells = [fmt.format(*summary[(e, s)][metric][:2]) + f" (n={summary[(e, s)][metric][2]})"
-                     if (e, s) in summary else "" for s in scales]
-            lines.append(f"| {e} ({'FID' if metric == 'fid' else 'class acc.'}) | "
+        for layout in layouts:
+            cells = [fmt.format(*summary[(layout, s)][metric][:2])
+                     + f" (n={summary[(layout, s)][metric][2]})"
+                     if (layout, s) in summary else "" for s in scales]
+            lines.append(f"| {LABELS[layout]}: {'FID' if metric == 'fid' else 'class acc.'} | "
                          + " | ".join(cells) + " |")
     if plot:
         _plot(summary, layouts, scales, plot)
@@ -287,17 +394,19 @@ def _plot(summary, layouts, scales, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(11, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for e in layouts:
-        ss = [s for s in scales if (e, s) in summary]
-        fid_m = [summary[(e, s)]["fid"][0] for s in ss]
-        fid_s = [summary[(e, s)]["fid"][1] for s in ss]
-        acc = [summary[(e, s)]["accuracy"][0] for s in ss]
-        label = f"{e} expert{'s' if e > 1 else ''}"
-        left.errorbar(ss, fid_m, yerr=fid_s, marker="o", capsize=3, label=label)
-        right.plot(acc, fid_m, "-o", label=label)
+    for layout in layouts:
+        ss = [s for s in scales if (layout, s) in summary]
+        fid_m = [summary[(layout, s)]["fid"][0] for s in ss]
+        fid_s = [summary[(layout, s)]["fid"][1] for s in ss]
+        acc = [summary[(layout, s)]["accuracy"][0] for s in ss]
+        n = min(summary[(layout, s)]["fid"][2] for s in ss)
+        label = f"{LABELS[layout]} ({n} seed{'s' if n > 1 else ''})"
+        style = "--" if layout == "1r" else "-"
+        left.errorbar(ss, fid_m, yerr=fid_s, marker="o", capsize=3, label=label, linestyle=style)
+        right.plot(acc, fid_m, marker="o", linestyle=style, label=label)
         for a, f, s in zip(acc, fid_m, ss):
             right.annotate(f"w={s:g}", (a, f), textcoords="offset points", xytext=(4, 4),
                            fontsize=7)
@@ -307,9 +416,9 @@ def _plot(summary, layouts, scales, path: str) -> None:
     right.set_ylabel("FID (mean over seeds)")
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    write_atomically(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -320,6 +429,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/fashion", help="prepare fashion_mnist's output")
     p.add_argument("--out", default="runs/study")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"which ensembles to train and measure, of {','.join(LAYOUTS)} "
+                        "(1r: the control, the baseline's second half on a fresh optimizer)")
     p.add_argument("--steps", type=int, default=1000, help="training steps behind every ensemble")
     p.add_argument("--shared", type=int, default=500, help="the shared model's steps")
     p.add_argument("--level1", type=int, default=100)
@@ -334,8 +446,14 @@ def main(argv=None) -> int:
     from ediffi_jax.eval.sweep import parse_scales
 
     seeds = [int(s) for s in args.seeds.split(",")]
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= set(LAYOUTS):
+        print(f"error: --layouts: unknown {sorted(set(layouts) - set(LAYOUTS))}; "
+              f"choose from {','.join(LAYOUTS)}", file=sys.stderr)
+        return 2
     scales = parse_scales(args.scales)
     results = os.path.join(args.out, "results.jsonl")
+    losses = os.path.join(args.out, "loss.jsonl")
     if not args.report:
         study_plan(args.out, args.steps, args.shared, args.level1)  # bad numbers fail first
         for name in ("train", "test"):
@@ -350,16 +468,27 @@ def main(argv=None) -> int:
         ev = Evaluator(args.data, args.out, args.num, args.ref, args.weights)
         for seed in seeds:
             root = os.path.join(args.out, f"s{seed}")
-            ensembles = train_seed(root, seed, args.data, args.steps, args.shared, args.level1)
+            ensembles = train_seed(root, seed, args.data, args.steps, args.shared, args.level1,
+                                   layouts, log=lambda m: print(m, flush=True))
             launches, experts = study_plan(root, args.steps, args.shared, args.level1)
-            for layout in LAYOUTS:
+            for layout in layouts:
                 seen = samples_seen(launches, experts, layout, 1)
-                print(f"seed {seed}: {layout} expert(s), {seen} training steps in all", flush=True)
-                done = {(str(q["experts"]), q["seed"], q["guidance_scale"])
+                print(f"seed {seed}: {LABELS[layout]}, {seen} training steps in all", flush=True)
+                done = {(layout_of(q), q["seed"], q["guidance_scale"])
                         for q in load_results(results)}
                 evaluate(ensembles[layout], layout, seed, scales, ev, results, done,
                          args.num_steps, log=lambda m: print(m, flush=True))
+                if not any(layout_of(r) == layout and r["seed"] == seed
+                           for r in load_results(losses)):
+                    rows = heldout_loss(ensembles[layout], ev.loss_images, ev.loss_captions)
+                    with open(losses, "a") as f:
+                        f.writelines(json.dumps({"layout": layout, "experts": len(experts[layout]),
+                                                 "seed": seed, **r})
+                                     + "\n" for r in rows)
     print(report(load_results(results), args.plot))
+    if load_results(losses):
+        print("\nheld-out EDM loss by noise level (512 test images):\n"
+              + loss_table(load_results(losses)))
     floor = os.path.join(args.out, "reference.json")
     if os.path.exists(floor):
         with open(floor) as f:

@@ -202,10 +202,10 @@ def plot_sweep(points, path: str, title: str = "") -> None:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _write_atomically(path, lambda f: fig.savefig(f, format="png"))
+    write_atomically(path, lambda f: fig.savefig(f, format="png"))
 
 
-def _write_atomically(path: str, write: Callable) -> None:
+def write_atomically(path: str, write: Callable) -> None:
     """write(binary file) on a temporary name, renamed to `path` only once complete."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -218,11 +218,11 @@ def _write_atomically(path: str, write: Callable) -> None:
 
 
 def write_npz(path: str, **arrays) -> None:
-    _write_atomically(path, lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def write_json(path: str, data: dict) -> None:
-    _write_atomically(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
+    write_atomically(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 # ----------------------------------------------------------------------------- command line
