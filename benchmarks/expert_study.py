@@ -2,18 +2,21 @@
 
     python -m ediffi_jax.data.prepare fashion_mnist --out data/fashion
     python -m benchmarks.expert_study --data data/fashion --out runs/study \
-        [--seeds 0,1,2] [--steps 1000] [--shared 500] [--level1 100] \
+        [--seeds 0,1,2] [--layouts 1,2,3,1r] [--steps 1000] [--shared 500] [--level1 100] \
         [--scales 1,2,3,5] [--num 256] [--ref 3000] [--weights default_1.pt]
+    python -m benchmarks.expert_study --out runs/study --report   # the tables and the plot
 
 Per seed (`train.seed`, so initialisation, data order and noise all change), every ensemble is
 grown from the same shared model, the baseline's own checkpoint at step `--shared` (the config's
 learning rate is constant after warm-up, so that checkpoint is a shared model in its own right):
 
-    1 expert   the baseline, trained on to `--steps`
-    2 experts  E1_0 + E1_1 (the paper's first split), each (steps - shared) / 2 steps
-    3 experts  E2_0 + M_C + E2_3 (Config-D's shape at depth 2: the lowest and highest quarters of
-               the noise mass grown through E1_0 / E1_1, the middle half one complement model),
-               five fine-tunes of (steps - shared) / 5 steps each
+    1   the baseline, trained on to `--steps`
+    2   E1_0 + E1_1 (the paper's first split), each (steps - shared) / 2 steps
+    3   E2_0 + M_C + E2_3 (Config-D's shape at depth 2: the lowest and highest quarters of the
+        noise mass grown through E1_0 / E1_1, the middle half one complement model), five
+        fine-tunes of (steps - shared) / 5 steps each
+    1r  the control: the baseline's second half as a branch over the whole range (node 0/0),
+        i.e. with the fresh optimizer every child starts with
 
 so every ensemble has seen `steps` x batch training samples (the paper's fair comparison, Fig. 7).
 Each child starts a fresh AdamW with `CHILD_WARMUP` warm-up steps at the same constant rate.
@@ -23,9 +26,11 @@ that step, branched from, then continued (training resumes exactly).
 Evaluation: for each ensemble and guidance scale, `--num` samples whose prompts are the captions
 of the first `--num` test images (the same seed for every ensemble, so they differ in their
 denoisers only), FID against `--ref` other test images, and class accuracy: a ridge classifier on
-the same Inception features, fitted on the reference images' labels (its accuracy on 500 further
-real test images is reported as the ceiling). Every point is appended to `<out>/results.jsonl`
-as it is measured and skipped when rerun; `--report` prints the table and writes the plot.
+the same Inception features, fitted on the reference images' labels (the floor, the same numbers
+for the prompts' own real images, and the probe's accuracy on 500 further real images go to
+`<out>/reference.json`). Per ensemble also the held-out EDM loss in 8 equal-mass noise bins.
+Every point is appended to `<out>/results.jsonl` / `loss.jsonl` as it is measured and skipped
+when rerun, so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
 
@@ -339,7 +344,7 @@ def loss_table(rows: list[dict]) -> str:
             ratios = [mine[s]["loss"] / base[s]["loss"] - 1 for s in mine if s in base]
             cells.append(f"{100 * np.mean(ratios):+.1f}% ± {100 * np.std(ratios, ddof=1):.1f}"
                          if len(ratios) > 1 else (f"{100 * ratios[0]:+.1f}%" if ratios else ""))
-        sigma = next(iter(base.values()))["sigma"] if base else float("nan")
+        sigma = next(r["sigma"] for (_, b2), rs in by.items() if b2 == b for r in rs.values())
         lines.append(f"| {sigma:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
