@@ -50,7 +50,7 @@ from ediffi_jax.eval.sweep import write_atomically
 CONFIG = "configs/expert_study.py"
 LAYOUTS = ("1", "2", "3", "1r")
 LABELS = {"1": "1 model", "2": "2 experts", "3": "3 experts",
-          "1r": "1 model, optimizer restarted at the branch step"}
+          "1r": "control: 1 model, fresh optimizer"}
 # A child's fresh optimizer warms up for this many steps: 10% of the shortest fine-tune, where
 # the config's 100 (made for a run from scratch) would fill the whole of a 100-step child.
 CHILD_WARMUP = 10
