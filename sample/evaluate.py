@@ -10,8 +10,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 
 def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None, batch: int = 64):
     """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy),
