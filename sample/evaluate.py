@@ -16,17 +16,11 @@ def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None,
     on the held-out split (ediffi_jax.eval.sweep.held_out_shapes). One sampler serves every
     batch and the last is padded, so the plan compiles once."""
     from ediffi_jax.data.shapes import caption_accuracy, parse_caption
-    from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.eval.sweep import held_out_shapes, sample_images
-    from ediffi_jax.models.experts import unet_denoise_fn
-    from ediffi_jax.models.unet import UNet
 
     source = held_out_shapes(run)
     captions = [source[i]["caption"] for i in range(num)]
-    images = sample_images(run, ensemble, captions, seed=seed, sampling=sampling, batch=batch,
-                           runner=PlanRunner(unet_denoise_fn(UNet(run.stage.model))),
-                           conditioner=make_conditioner(run.encoders, run.stage.model))
+    images = sample_images(run, ensemble, captions, seed=seed, sampling=sampling, batch=batch)
     rates = caption_accuracy(images, [parse_caption(c) for c in captions])
     return rates, images, captions
 

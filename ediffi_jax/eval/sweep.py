@@ -103,9 +103,16 @@ def reference_statistics(images, features: Features):
 def sample_images(run, ensemble, captions: Sequence[str], *, seed: int = 0, sampling=None,
                   batch: int = 64, runner=None, conditioner=None) -> np.ndarray:
     """uint8 [N, H, W, 3]: caption i is example i of run `seed` (sample.generate.generate).
-    The last batch is padded with examples past N, discarded, so one compile serves all."""
+    One runner and conditioner (made here unless given) serve every batch, and the last batch
+    is padded with examples past N, discarded, so one compile serves all."""
+    from ediffi_jax.diffusion.sampling import PlanRunner
+    from ediffi_jax.encoders.conditioner import make_conditioner
+    from ediffi_jax.models.experts import unet_denoise_fn
+    from ediffi_jax.models.unet import UNet
     from sample.generate import generate
 
+    runner = runner or PlanRunner(unet_denoise_fn(UNet(run.stage.model)))
+    conditioner = conditioner or make_conditioner(run.encoders, run.stage.model)
     captions, out = list(captions), []
     batch = min(batch, len(captions))
     for i in range(0, len(captions), batch):
