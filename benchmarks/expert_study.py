@@ -54,6 +54,7 @@ LABELS = {"1": "1 model", "2": "2 experts", "3": "3 experts",
 # A child's fresh optimizer warms up for this many steps: 10% of the shortest fine-tune, where
 # the config's 100 (made for a run from scratch) would fill the whole of a 100-step child.
 CHILD_WARMUP = 10
+LOSS_IMAGES = 512  # held-out test images the loss per noise bin is measured on
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -95,15 +96,20 @@ def study_plan(root: str, steps: int, shared: int, level1: int):
     return launches, experts
 
 
-def samples_seen(launches, experts, layout: str, batch: int) -> int:
-    """Training samples behind an ensemble: its experts' own steps plus every ancestor's steps
-    up to the point it was branched from (each counted once)."""
-    reached = {}       # workdir -> the step each launch of it reached, in order
-    branched = {}      # child workdir -> (parent, parent's step when branched)
+def branch_points(launches) -> dict[str, tuple[str, int]]:
+    """{child workdir: (parent, the parent's step when the child is first launched)}."""
+    reached, branched = {}, {}
     for r in launches:
         if r.parent and r.workdir not in branched:
             branched[r.workdir] = (r.parent, reached[r.parent])
         reached[r.workdir] = r.steps
+    return branched
+
+
+def samples_seen(launches, experts, layout: str, batch: int) -> int:
+    """Training samples behind an ensemble: its experts' own steps plus every ancestor's steps
+    up to the point it was branched from (each counted once)."""
+    branched = branch_points(launches)
     final = {r.workdir: r.steps for r in launches}
     counted: dict[str, int] = {}   # workdir -> steps of it counted so far
     for w in experts[layout]:
@@ -125,12 +131,12 @@ def last_step(workdir: str) -> int:
 
 def needed(launches, experts, layouts) -> set:
     """Workdirs the chosen layouts' experts are made from (themselves and their ancestors)."""
-    parents = {r.workdir: r.parent for r in launches if r.parent}
+    branched = branch_points(launches)
     out = set()
     for w in (w for layout in layouts for w in experts[layout]):
         while w and w not in out:
             out.add(w)
-            w = parents.get(w, "")
+            w = branched.get(w, ("", 0))[0]
     return out
 
 
@@ -143,7 +149,7 @@ def train_seed(root: str, seed: int, data: str, steps: int, shared: int, level1:
     branched from a copy of the parent retrained to that step (`<parent>@<step>`): training
     is deterministic, so the copy is the parent as it was there (bitwise, measured)."""
     launches, experts = study_plan(root, steps, shared, level1)
-    todo = needed(launches, experts, layouts)
+    todo, branched = needed(launches, experts, layouts), branch_points(launches)
     common = [f"--config.train.seed={seed}", f"--config.data.path={os.path.join(data, 'train')}"]
     roots = {r.workdir for r in launches if not r.parent}
 
@@ -165,7 +171,7 @@ def train_seed(root: str, seed: int, data: str, steps: int, shared: int, level1:
     for r in launches:
         if r.workdir not in todo or last_step(r.workdir) >= r.steps:
             continue
-        at = _branch_step(launches, r) if r.parent else 0
+        at = branched[r.workdir][1] if r.parent else 0
         if r.parent and last_step(r.workdir) == 0 and last_step(r.parent) != at:
             if r.parent not in roots or last_step(r.parent) < at:
                 raise RuntimeError(f"{r.workdir} is missing but its parent {r.parent} is at step "
@@ -184,16 +190,6 @@ def train_seed(root: str, seed: int, data: str, steps: int, shared: int, level1:
                             *experts[layout]], check=True, stdout=subprocess.DEVNULL)
         ensembles[layout] = path
     return ensembles
-
-
-def _branch_step(launches, run: Run) -> int:
-    """The parent's step when `run`'s workdir is first launched."""
-    reached = {}
-    for r in launches:
-        if r.workdir == run.workdir:
-            return reached[run.parent]
-        reached[r.workdir] = r.steps
-    raise AssertionError(run)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -217,23 +213,24 @@ class Evaluator:
         from ediffi_jax.eval import fid
         from ediffi_jax.eval.sweep import inception_features, records
 
-        test = os.path.join(data, "test")
+        stop = num + ref + 500  # prompts, then the reference, then the probe's real check
+        test = records(os.path.join(data, "test"), max(stop, LOSS_IMAGES), field=None)
+        field = lambda name, span: [r[name] for r in test[span]]  # noqa: E731
+        images = lambda span: np.stack([np.asarray(im) for im in field("image", span)])  # noqa: E731
         self.features = inception_features(weights)
-        self.captions = records(test, num, "caption")
-        self.labels = np.asarray(records(test, num, "label"))
-        # The held-out loss's images: the first 512 test images (the prompts' own among them).
-        self.loss_captions = records(test, 512, "caption")
-        self.loss_images = np.stack([np.asarray(im) for im in records(test, 512, "image")])
-        path, stop = os.path.join(out, "reference.npz"), num + ref + 500
+        self.captions = field("caption", slice(0, num))
+        self.labels = np.asarray(field("label", slice(0, num)))
+        # The held-out loss's images: the first test images (the prompts' own among them).
+        self.loss_captions = field("caption", slice(0, LOSS_IMAGES))
+        self.loss_images = images(slice(0, LOSS_IMAGES))
+        path = os.path.join(out, "reference.npz")
         cache = dict(np.load(path)) if os.path.exists(path) else {}
-        images = lambda span: np.stack([np.asarray(im) for im in  # noqa: E731
-                                        records(test, stop, "image")[span]])
         for key, span in (("features", slice(num, stop)), ("prompt_features", slice(0, num))):
             if key not in cache:
                 log(f"reference: Inception features of test images {span.start}..{span.stop - 1}")
                 cache[key] = self.features(images(span))
                 np.savez(path, **cache)
-        feats, ref_labels = cache["features"], np.asarray(records(test, stop, "label")[num:])
+        feats, ref_labels = cache["features"], np.asarray(field("label", slice(num, stop)))
         self.ref_stats = fid.statistics(feats[:ref])
         self.classify = ridge_classifier(feats[:ref], ref_labels[:ref], 10)
         probe = float(np.mean(self.classify(feats[ref:]) == ref_labels[ref:]))
@@ -471,6 +468,9 @@ def main(argv=None) -> int:
 
         configure_cpu_host()
         ev = Evaluator(args.data, args.out, args.num, args.ref, args.weights)
+        # What earlier invocations measured; this one only adds (layout, seed) pairs of its own.
+        done = {(layout_of(q), q["seed"], q["guidance_scale"]) for q in load_results(results)}
+        has_loss = {(layout_of(r), r["seed"]) for r in load_results(losses)}
         for seed in seeds:
             root = os.path.join(args.out, f"s{seed}")
             ensembles = train_seed(root, seed, args.data, args.steps, args.shared, args.level1,
@@ -479,21 +479,19 @@ def main(argv=None) -> int:
             for layout in layouts:
                 seen = samples_seen(launches, experts, layout, 1)
                 print(f"seed {seed}: {LABELS[layout]}, {seen} training steps in all", flush=True)
-                done = {(layout_of(q), q["seed"], q["guidance_scale"])
-                        for q in load_results(results)}
                 evaluate(ensembles[layout], layout, seed, scales, ev, results, done,
                          args.num_steps, log=lambda m: print(m, flush=True))
-                if not any(layout_of(r) == layout and r["seed"] == seed
-                           for r in load_results(losses)):
+                if (layout, seed) not in has_loss:
                     rows = heldout_loss(ensembles[layout], ev.loss_images, ev.loss_captions)
                     with open(losses, "a") as f:
                         f.writelines(json.dumps({"layout": layout, "experts": len(experts[layout]),
                                                  "seed": seed, **r})
                                      + "\n" for r in rows)
     print(report(load_results(results), args.plot))
-    if load_results(losses):
-        print("\nheld-out EDM loss by noise level (512 test images):\n"
-              + loss_table(load_results(losses)))
+    loss_rows = load_results(losses)
+    if loss_rows:
+        print(f"\nheld-out EDM loss by noise level ({LOSS_IMAGES} test images):\n"
+              + loss_table(loss_rows))
     floor = os.path.join(args.out, "reference.json")
     if os.path.exists(floor):
         with open(floor) as f:

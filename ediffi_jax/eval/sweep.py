@@ -58,17 +58,18 @@ def _rgb(image) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def records(path: str, num: int | None = None, field: str = "image") -> list:
-    """`field` of the first `num` (default all) records of an ArrayRecord dataset prefix."""
+def records(path: str, num: int | None = None, field: str | None = "image") -> list:
+    """`field` of the first `num` (default all) records of an ArrayRecord dataset prefix (the
+    whole records with `field=None`)."""
     from ediffi_jax.data.records import RecordSource
 
     source = RecordSource(path)
     num = len(source) if num is None else num
     if num > len(source):
         raise ValueError(f"{path} holds {len(source)} records, {num} are asked for")
-    if field not in source[0]:
+    if field is not None and field not in source[0]:
         raise ValueError(f"{path}: records have no {field!r} (they have {sorted(source[0])})")
-    return [source[i][field] for i in range(num)]
+    return [source[i] if field is None else source[i][field] for i in range(num)]
 
 
 def reference_images(path: str):
