@@ -141,6 +141,37 @@ def test_captions_agree_with_ground_truth_and_pixels():
         assert truth_names(ex["objects"])["size"] == "small"
 
 
+def test_mixed_scenes_give_each_object_its_own_colour_and_words():
+    src = ShapesSource(max_objects=3, mixed=True, seed=2)
+    first_named_is_first_cell, counts, shapes_seen = [], set(), set()
+    for i in range(150):
+        ex = src[i]
+        obj = ex["objects"]
+        n = obj["count"]
+        counts.add(n)
+        truth = sorted((COLOUR_NAMES[obj["colour"][k]], SHAPES[obj["shape"][k]],
+                        SIZES[obj["size"][k]], REGIONS[obj["region"][k]]) for k in range(n))
+        assert len({t[0] for t in truth}) == n  # every object has its own colour
+        shapes_seen.update(t[1] for t in truth)
+        # One "a <size> <colour> <shape> <where>" phrase per object, joined by "and".
+        said = [parse_caption(p) for p in ex["caption"].split(" and ")]
+        assert sorted((p["colour"], p["shape"], p["size"], p["regions"][0]) for p in said) == truth
+        for k in range(n):  # and each object is drawn where the ground truth says
+            (x, y), = object_centroids(ex["image"], COLOUR_NAMES[obj["colour"][k]])
+            assert abs(x - obj["x"][k]) < 0.25 and abs(y - obj["y"][k]) < 0.25
+        if n > 1:
+            first_named_is_first_cell.append(said[0]["regions"][0] == REGIONS[obj["region"][0]])
+            with pytest.raises(ValueError, match="mixed scene"):
+                truth_names(obj)
+    assert counts == {1, 2, 3} and shapes_seen == set(SHAPES)
+    # The order of mention is random, so the words say nothing about where an object is.
+    assert 0.3 < np.mean(first_named_is_first_cell) < 0.7
+    assert ShapesSource(max_objects=1, mixed=True, caption_style="short",
+                        colours=("red",), shapes=("circle",))[0]["caption"] == "a red circle"
+    with pytest.raises(ValueError, match="max_objects .3. must be at most the 2 colours"):
+        ShapesConfig(max_objects=3, mixed=True, colours=("red", "blue"))
+
+
 # ------------------------------------------------------------------------------ the checker
 
 

@@ -187,6 +187,7 @@ class ShapesConfig:
     seed: int = 0
     caption_style: str = "full"
     num_examples: int = 1_000_000
+    mixed: bool = False  # objects of one image differ (colour always; shape and size may)
 
     def __post_init__(self):
         _check_int("resolution", self.resolution, 16)
@@ -201,6 +202,13 @@ class ShapesConfig:
                 f"allowed: {list(CAPTION_STYLES)}"
             )
         _check_int("num_examples", self.num_examples, 1)
+        if not isinstance(self.mixed, bool):
+            raise ValueError(f"ShapesConfig.mixed must be a bool, got {self.mixed!r}")
+        if self.mixed and self.max_objects > len(self.colours):
+            raise ValueError(
+                f"ShapesConfig: mixed scenes give each object its own colour, so max_objects "
+                f"({self.max_objects}) must be at most the {len(self.colours)} colours"
+            )
 
 
 # ----------------------------------------------------------------------------- captions
@@ -329,17 +337,20 @@ def _apart(boxes: list[tuple[float, float, float, float]], gap: float) -> bool:
     return True
 
 
-def _place(rng: np.random.Generator, count: int, shape: str, s: float, res: int):
-    left, right, up, down = _extents(shape, s)
+def _place(rng: np.random.Generator, shapes: Sequence[str], sides: Sequence[float], res: int):
+    """Distinct sorted cells and centroids for objects ``shapes[k]`` of side ``sides[k]``."""
+    count = len(shapes)
+    extents = [_extents(shape, s) for shape, s in zip(shapes, sides)]
     for _ in range(_MAX_REGION_DRAWS):
         regions = np.sort(rng.choice(len(REGIONS), size=count, replace=False))
-        ranges = [_centre_range(int(r), shape, s, res) for r in regions]
+        ranges = [_centre_range(int(r), shape, s, res) for r, shape, s in zip(regions, shapes, sides)]
         for _ in range(_MAX_PLACEMENT_TRIES if count > 1 else 1):
             centres = [(rng.uniform(x0, x1), rng.uniform(y0, y1)) for x0, x1, y0, y1 in ranges]
-            boxes = [(x - left, x + right, y - up, y + down) for x, y in centres]
+            boxes = [(x - left, x + right, y - up, y + down)
+                     for (x, y), (left, right, up, down) in zip(centres, extents)]
             if _apart(boxes, GAP * res):
                 return regions, centres
-    raise RuntimeError(f"could not place {count} {shape}s of size {s} at {res}")  # pragma: no cover
+    raise RuntimeError(f"could not place {list(shapes)} of sides {list(sides)} at {res}")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- the source
@@ -378,24 +389,39 @@ class ShapesSource:
         cfg = self.config
         res = cfg.resolution
         rng = np.random.default_rng([cfg.seed, i])
-        colour = cfg.colours[rng.integers(len(cfg.colours))]
-        shape = cfg.shapes[rng.integers(len(cfg.shapes))]
-        size = cfg.sizes[rng.integers(len(cfg.sizes))]
-        count = int(rng.integers(1, cfg.max_objects + 1))
-        regions, centres = _place(rng, count, shape, SIZE_FRACTION[size] * res, res)
-        image = render(colour, shape, size, centres, res)
+        if cfg.mixed:
+            count = int(rng.integers(1, cfg.max_objects + 1))
+            colours = [cfg.colours[k] for k in rng.choice(len(cfg.colours), count, replace=False)]
+            shapes = [cfg.shapes[k] for k in rng.integers(len(cfg.shapes), size=count)]
+            sizes = [cfg.sizes[k] for k in rng.integers(len(cfg.sizes), size=count)]
+        else:
+            colour = cfg.colours[rng.integers(len(cfg.colours))]
+            shape = cfg.shapes[rng.integers(len(cfg.shapes))]
+            size = cfg.sizes[rng.integers(len(cfg.sizes))]
+            count = int(rng.integers(1, cfg.max_objects + 1))
+            colours, shapes, sizes = [colour] * count, [shape] * count, [size] * count
+        regions, centres = _place(rng, shapes, [SIZE_FRACTION[z] * res for z in sizes], res)
         names = [REGIONS[r] for r in regions]
-        caption = make_caption(colour, shape, size, names, cfg.caption_style)
+        if cfg.mixed:  # objects never overlap, so their drawings combine by a maximum
+            image = np.maximum.reduce([render(c, sh, z, [xy], res)
+                                       for c, sh, z, xy in zip(colours, shapes, sizes, centres)])
+            caption = " and ".join(  # in random order: the words must not say where
+                make_caption(colours[k], shapes[k], sizes[k], [names[k]], cfg.caption_style)
+                for k in rng.permutation(count))
+        else:
+            image = render(colour, shape, size, centres, res)
+            caption = make_caption(colour, shape, size, names, cfg.caption_style)
 
         m = cfg.max_objects
-        pad_i = lambda v: np.array([v] * count + [-1] * (m - count), np.int16)  # noqa: E731
+        pad = lambda names_, values: np.array(  # noqa: E731
+            [names_.index(v) for v in values] + [-1] * (m - count), np.int16)
         xy = np.full((2, m), np.nan, np.float32)
         xy[:, :count] = np.asarray(centres, np.float64).T
         objects = {
             "count": count,
-            "colour": pad_i(COLOUR_NAMES.index(colour)),
-            "shape": pad_i(SHAPES.index(shape)),
-            "size": pad_i(SIZES.index(size)),
+            "colour": pad(COLOUR_NAMES, colours),
+            "shape": pad(SHAPES, shapes),
+            "size": pad(SIZES, sizes),
             "region": np.array(list(regions) + [-1] * (m - count), np.int16),
             "x": xy[0],
             "y": xy[1],
@@ -574,6 +600,10 @@ def truth_names(truth: Mapping) -> dict:
     or a ``parse_caption`` result (names). Returns ``{"count", "colour", "shape", "size",
     "regions"}`` with ``size`` None / ``regions`` empty where unknown."""
     count = int(np.asarray(truth["count"]))
+    colours = np.asarray(truth["colour"]).reshape(-1)
+    if colours.dtype.kind in "iu" and len(set(colours[:count].tolist())) > 1:
+        raise ValueError("truth_names: a mixed scene (objects of different colours) has no single "
+                         "colour to grade; check each object with object_centroids instead")
     regions = truth.get("regions", truth.get("region"))
     if regions is None:
         regions = []
