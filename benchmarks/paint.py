@@ -1,14 +1,19 @@
-"""Paint-with-words on the tiny shapes model trained with up to two objects: placement and cost.
+"""Paint-with-words on a model of mixed two-object scenes: does each object go where painted?
 
-    python -m benchmarks.paint [--model pretrained/tiny-shapes-two] [--num 256]
-        [--scales 0,2,4,8] [--weight std] [--timing-rounds 6] [--out DIR]
+    python -m train --config configs/paint_shapes.py --workdir runs/paint/shared
+    python -m benchmarks.paint --model runs/paint/shared [--num 256] [--scales 0,2,4,8]
+        [--layout columns|cells] [--weight std] [--timing-rounds 6] [--out DIR]
 
-Each sample asks for two objects ("two red circles") and paints the phrase ("red circles") with
-a mask of two cells of the 3 x 3 grid (pairs cycled over top-left/bottom-right, top-right/
-bottom-left, left/right, top/bottom). "placed": the checker finds objects of the asked colour
-and every one has its centroid inside a painted cell; "one in each cell": exactly two, one per
-painted cell. Scale 0 is the same run without masks (the chance rate). The cost is the time of
-a sampling call with and without masks (same batch, after compiling, ABBA rounds).
+Sample i asks for two objects of different colours ("a red circle and a blue square") and
+paints each phrase ("red circle", "blue square") over its own region of the 3 x 3 grid, the
+regions cycling through four layouts: `columns` paints the left and right columns, then the top
+and bottom rows (each both ways round); `cells` paints single opposite cells (top left / bottom
+right, top right / bottom left, left / right, top / bottom). "placed": both objects drawn and
+each one's centroid inside its own region (every object of that colour, if there are more);
+"objects placed": the same per object; "only the two": placed and nothing else drawn. Scale 0
+is the same prompts and seeds without masks: where the model puts the objects by itself. The
+cost is the time of a sampling call with and without masks (same batch, after compiling, ABBA
+rounds).
 """
 from __future__ import annotations
 
@@ -17,11 +22,17 @@ import time
 
 import numpy as np
 
-PAIRS = (("top left", "bottom right"), ("top right", "bottom left"), ("left", "right"),
-         ("top", "bottom"))
+_LEFT, _RIGHT = ("top left", "left", "bottom left"), ("top right", "right", "bottom right")
+_TOP, _BOTTOM = ("top left", "top", "top right"), ("bottom left", "bottom", "bottom right")
+LAYOUTS = {
+    "columns": ((_LEFT, _RIGHT), (_RIGHT, _LEFT), (_TOP, _BOTTOM), (_BOTTOM, _TOP)),
+    "cells": ((("top left",), ("bottom right",)), (("top right",), ("bottom left",)),
+              (("left",), ("right",)), (("top",), ("bottom",))),
+}
 
 
 def cell_mask(regions, resolution: int) -> np.ndarray:
+    """1 over the named cells of the 3 x 3 grid, 0 elsewhere."""
     from ediffi_jax.data.shapes import region_box
 
     mask = np.zeros((resolution, resolution), np.float32)
@@ -31,43 +42,60 @@ def cell_mask(regions, resolution: int) -> np.ndarray:
     return mask
 
 
-def cases(num: int, seed: int = 0):
+def cases(num: int, layout: str = "columns", seed: int = 0):
+    """(prompt, [(phrase, colour, cells), (phrase, colour, cells)]) per sample: two different
+    colours, shapes drawn freely, the regions of the layout in turn."""
     from ediffi_jax.data.shapes import COLOUR_NAMES, SHAPES
 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num):
-        colour, shape = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))], SHAPES[rng.integers(len(SHAPES))]
-        out.append((f"two {colour} {shape}s", f"{colour} {shape}s", colour, PAIRS[i % len(PAIRS)]))
+        colours = [COLOUR_NAMES[k] for k in rng.choice(len(COLOUR_NAMES), 2, replace=False)]
+        shapes = [SHAPES[k] for k in rng.integers(len(SHAPES), size=2)]
+        phrases = [f"{c} {s}" for c, s in zip(colours, shapes)]
+        regions = LAYOUTS[layout][i % len(LAYOUTS[layout])]
+        out.append((f"a {phrases[0]} and a {phrases[1]}", list(zip(phrases, colours, regions))))
     return out
 
 
-def run(model: str, num: int, scales, weight: str, out: str | None, batch: int = 64):
-    from ediffi_jax.eval.fidelity import paint_position_accuracy
+def paint_for(chunk, scale: float, weight: str, res: int):
+    """The Paint of a batch of cases: per prompt, one mask per phrase over its region."""
     from ediffi_jax.paint.bias import PaintSettings
     from ediffi_jax.paint.masks import PhraseMask
-    from sample.generate import Paint, generate, grid, load_ensemble
+    from sample.generate import Paint
+
+    masks = tuple(tuple(PhraseMask(phrase, cell_mask(cells, res)) for phrase, _, cells in objects)
+                  for _, objects in chunk)
+    return Paint(masks, scale, PaintSettings(weight))
+
+
+def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
+        batch: int = 64):
+    from ediffi_jax.data.shapes import count_objects
+    from ediffi_jax.eval.fidelity import paint_position_accuracy
+    from sample.generate import generate, grid, load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
     res = run_spec.stage.model.resolution
-    todo = cases(num)
+    todo = cases(num, layout)
+    targets = [[(colour, cells) for _, colour, cells in objects] for _, objects in todo]
     rows = []
     for scale in scales:
         images = []
         t = time.perf_counter()
         for i in range(0, num, batch):
             chunk = todo[i:i + batch]
-            paint = None
-            if scale > 0:  # one mask set per prompt: its phrase over its two cells
-                paint = Paint(tuple((PhraseMask(phrase, cell_mask(pair, res)),)
-                                    for _, phrase, _, pair in chunk), scale, PaintSettings(weight))
-            images += list(generate(run_spec, ensemble, [c[0] for c in chunk], paint=paint,
-                                    first_index=i))
-        acc = paint_position_accuracy(images, [c[2] for c in todo], [c[3] for c in todo])
-        rows.append(dict(scale=scale, placed=acc["placed"], placed_two=acc["one_per_region"],
-                         seconds=time.perf_counter() - t))
-        print(f"  scale {scale:g}: placed {rows[-1]['placed']:.3f}, one in each cell "
-              f"{rows[-1]['placed_two']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+            paint = paint_for(chunk, scale, weight, res) if scale > 0 else None
+            images += list(generate(run_spec, ensemble, [prompt for prompt, _ in chunk],
+                                    paint=paint, first_index=i))
+        acc = paint_position_accuracy(images, targets)
+        clean = np.mean([count_objects(im) == 2 and paint_position_accuracy([im], [t])["placed"]
+                         for im, t in zip(images, targets)])
+        rows.append(dict(scale=scale, placed=acc["placed"], objects=acc["objects_placed"],
+                         clean=float(clean), seconds=time.perf_counter() - t))
+        print(f"  scale {scale:g}: placed {acc['placed']:.3f}, objects placed "
+              f"{acc['objects_placed']:.3f}, only the two {clean:.3f} "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)
         if out:
             import os
 
@@ -75,7 +103,7 @@ def run(model: str, num: int, scales, weight: str, out: str | None, batch: int =
 
             os.makedirs(out, exist_ok=True)
             Image.fromarray(grid(np.stack(images[:64]), 16)).save(
-                os.path.join(out, f"paint_scale{scale:g}.png"))
+                os.path.join(out, f"paint_{layout}_scale{scale:g}.png"))
     return rows
 
 
@@ -86,15 +114,11 @@ def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from ediffi_jax.paint.bias import PaintSettings
-    from ediffi_jax.paint.masks import PhraseMask
-    from sample.generate import Paint, generate, load_ensemble
+    from sample.generate import generate, load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
-    res = run_spec.stage.model.resolution
     chunk = cases(batch)
-    paint = Paint(tuple((PhraseMask(phrase, cell_mask(pair, res)),) for _, phrase, _, pair in chunk),
-                  scale, PaintSettings(weight))
+    paint = paint_for(chunk, scale, weight, run_spec.stage.model.resolution)
     runners = {k: PlanRunner(unet_denoise_fn(UNet(run_spec.stage.model))) for k in ("plain", "paint")}
 
     def call(kind):
@@ -118,9 +142,10 @@ def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.paint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="pretrained/tiny-shapes-two")
+    p.add_argument("--model", default="runs/paint/shared")
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--scales", default="0,2,4,8")
+    p.add_argument("--layout", default="columns", choices=sorted(LAYOUTS))
     p.add_argument("--weight", default="std")
     p.add_argument("--out", default="")
     p.add_argument("--timing-rounds", type=int, default=6)
@@ -130,12 +155,13 @@ def main(argv=None) -> int:
 
     configure_cpu_host()
     rows = run(args.model, args.num, [float(s) for s in args.scales.split(",")], args.weight,
-               args.out)
-    print("\n| paint scale w' | placed | one in each cell |")
-    print("|---|---|---|")
+               args.layout, args.out)
+    print(f"\n| paint scale w' ({args.layout}, n = {args.num}) | placed | objects placed | "
+          f"only the two |")
+    print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['scale']:g}{' (no masks)' if r['scale'] == 0 else ''} | {r['placed']:.3f} | "
-              f"{r['placed_two']:.3f} |")
+              f"{r['objects']:.3f} | {r['clean']:.3f} |")
     if args.timing_rounds:
         plain, painted, ratio, lo, hi = timing(args.model, args.timing_scale, args.weight,
                                                args.timing_rounds)

@@ -164,9 +164,20 @@ def test_paint_position_accuracy_reads_centroids_against_painted_cells():
     assert fidelity.paint_placement(one, "red", pair) == (True, False)  # placed, one missing
     assert fidelity.paint_placement(two, "red", ("left", "right")) == (False, False)
     assert fidelity.paint_placement(two, "blue", pair) == (False, False)  # no blue object
-    acc = fidelity.paint_position_accuracy([two, one, two, two], ["red", "red", "red", "blue"],
-                                           [pair, pair, ("left", "right"), pair])
-    assert acc == {"n": 4, "placed": 0.5, "one_per_region": 0.25}
+    acc = fidelity.paint_position_accuracy(
+        [two, one, two, two], [[("red", pair)], [("red", pair)], [("red", ("left", "right"))],
+                               [("blue", pair)]])
+    assert acc == {"n": 4, "placed": 0.5, "one_per_region": 0.25, "objects_placed": 0.5}
+    # A mixed scene: each colour against its own cells; the image counts only if all are placed.
+    scene = np.maximum(shapes.render("red", "circle", "small", [_cell_centre("left")], 32),
+                       shapes.render("blue", "square", "large", [_cell_centre("right")], 32))
+    left_col, right_col = ("top left", "left", "bottom left"), ("top right", "right", "bottom right")
+    acc = fidelity.paint_position_accuracy(
+        [scene, scene], [[("red", left_col), ("blue", right_col)],
+                         [("red", left_col), ("blue", left_col)]])
+    assert acc == {"n": 2, "placed": 0.5, "one_per_region": 0.0, "objects_placed": 0.75}
+    with pytest.raises(ValueError, match="2 images but 1 target lists"):
+        fidelity.paint_position_accuracy([scene, scene], [[("red", left_col)]])
     with pytest.raises(ValueError, match="unknown regions"):
         fidelity.paint_placement(two, "red", ("middle",))
 

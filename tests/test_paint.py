@@ -163,3 +163,22 @@ def test_pooled_text_off_leaves_cross_attention_as_the_only_text_path():
     params = tiny_params(cfg)
     apply = lambda c: UNet(cfg).apply({"params": params}, x, jnp.zeros((1,)), c)  # noqa: E731
     np.testing.assert_array_equal(apply(cond), apply(cond.replace(clip_pooled=cond.clip_pooled * 5)))
+
+
+def test_the_placement_benchmark_paints_each_object_over_its_own_region():
+    from benchmarks.paint import LAYOUTS, cases, cell_mask, paint_for
+
+    model = tiny_unet_config(resolution=30, attention_resolutions=(15,), t5_length=8,
+                             clip_length=8)
+    todo = cases(8, "columns")
+    paint = paint_for(todo, 4.0, "std", model.resolution)
+    for i, (prompt, objects) in enumerate(todo):
+        (p0, c0, r0), (p1, c1, r1) = objects
+        assert c0 != c1 and prompt == f"a {p0} and a {p1}"
+        assert (r0, r1) == LAYOUTS["columns"][i % 4] and not set(r0) & set(r1)
+        a = paint_conditioning(WordEncoder.for_model(model), model, [prompt], paint.masks[i])[0]
+        # words: a <p0> and a <p1> -> p0 at 1, 2 and p1 at 5, 6 in each stream (CLIP from 8).
+        for column, cells in [(1, r0), (2, r0), (5, r1), (6, r1), (9, r0), (13, r1)]:
+            np.testing.assert_array_equal(a[..., column], cell_mask(cells, 30))
+        assert cell_mask(r0, 30).sum() == 10 * 30  # a column or a row: 3 of the 9 cells
+        assert not a[..., [0, 3, 4, 8, 11, 12]].any()

@@ -7,8 +7,8 @@ threshold and the caption grammar):
   caption states them) of images against their own captions; `all` is the x axis of the
   guidance sweep (eDiff-I's Figure 7 plots FID against CLIP score; on shapes the checker is an
   exact stand-in for "does the image show the prompt").
-- `paint_position_accuracy`: for paint-with-words, whether the objects of the asked colour sit
-  in the painted cells of the 3 x 3 grid (each centroid inside a painted cell).
+- `paint_position_accuracy`: for paint-with-words, whether the objects of each painted colour
+  sit in that colour's painted cells of the 3 x 3 grid (each centroid inside a painted cell).
 """
 from __future__ import annotations
 
@@ -45,16 +45,21 @@ def paint_placement(image, colour: str, regions: Sequence[str],
     return inside, inside and sorted(cells) == sorted(regions)
 
 
-def paint_position_accuracy(images, colours: Sequence[str], regions: Sequence[Sequence[str]],
+def paint_position_accuracy(images, targets: Sequence[Sequence[tuple[str, Sequence[str]]]],
                             *, min_area: int | None = None) -> dict:
-    """Paint-with-words position accuracy of a batch: `{"n", "placed", "one_per_region"}`, the
-    rates of `paint_placement` over images, their asked colours and their painted cells."""
-    if not len(images) == len(colours) == len(regions):
-        raise ValueError(f"paint_position_accuracy: {len(images)} images, {len(colours)} colours "
-                         f"and {len(regions)} region sets")
+    """Paint-with-words position accuracy of a batch. `targets[i]` lists image i's painted
+    objects as (colour, cells), e.g. `[("red", ["left"]), ("blue", ["right"])]`. Returns
+    `{"n", "placed", "one_per_region", "objects_placed"}`: the rates of images whose every
+    target passes `paint_placement` (placed; one per region), and the rate over all targets."""
+    if len(images) != len(targets):
+        raise ValueError(f"paint_position_accuracy: {len(images)} images but {len(targets)} "
+                         f"target lists")
     if not len(images):
         raise ValueError("paint_position_accuracy: no images")
-    hits = np.array([paint_placement(im, c, r, min_area) for im, c, r in zip(images, colours,
-                                                                            regions)])
-    return {"n": len(hits), "placed": float(hits[:, 0].mean()),
-            "one_per_region": float(hits[:, 1].mean())}
+    if not all(len(t) for t in targets):
+        raise ValueError("paint_position_accuracy: every image needs at least one target")
+    hits = [np.array([paint_placement(im, c, r, min_area) for c, r in t]) for im, t in
+            zip(images, targets)]
+    return {"n": len(hits), "placed": float(np.mean([h[:, 0].all() for h in hits])),
+            "one_per_region": float(np.mean([h[:, 1].all() for h in hits])),
+            "objects_placed": float(np.concatenate([h[:, 0] for h in hits]).mean())}
