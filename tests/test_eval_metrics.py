@@ -156,30 +156,38 @@ def _cell_centre(region, res=32):
     return ((x0 + x1) / 2, (y0 + y1) / 2)
 
 
-def test_paint_position_accuracy_reads_centroids_against_painted_cells():
-    pair = ("top left", "bottom right")
-    two = shapes.render("red", "circle", "small", [_cell_centre(r) for r in pair], 32)
+def _cells(*regions, res=32):
+    mask = np.zeros((res, res), np.float32)
+    for r in regions:
+        x0, y0, x1, y1 = (int(round(v)) for v in shapes.region_box(r, res))
+        mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def test_paint_position_accuracy_reads_centroids_against_painted_regions():
+    pair = _cells("top left", "bottom right")
+    two = shapes.render("red", "circle", "small", [_cell_centre("top left"),
+                                                   _cell_centre("bottom right")], 32)
     one = shapes.render("red", "circle", "small", [_cell_centre("top left")], 32)
-    assert fidelity.paint_placement(two, "red", pair) == (True, True)
-    assert fidelity.paint_placement(one, "red", pair) == (True, False)  # placed, one missing
-    assert fidelity.paint_placement(two, "red", ("left", "right")) == (False, False)
-    assert fidelity.paint_placement(two, "blue", pair) == (False, False)  # no blue object
+    assert fidelity.paint_placement(two, "red", pair) and fidelity.paint_placement(one, "red", pair)
+    assert not fidelity.paint_placement(two, "red", _cells("top left"))  # one outside
+    assert not fidelity.paint_placement(two, "blue", pair)  # no blue object
     acc = fidelity.paint_position_accuracy(
-        [two, one, two, two], [[("red", pair)], [("red", pair)], [("red", ("left", "right"))],
+        [two, one, two, two], [[("red", pair)], [("red", pair)], [("red", _cells("left"))],
                                [("blue", pair)]])
-    assert acc == {"n": 4, "placed": 0.5, "one_per_region": 0.25, "objects_placed": 0.5}
-    # A mixed scene: each colour against its own cells; the image counts only if all are placed.
+    assert acc == {"n": 4, "placed": 0.5, "objects_placed": 0.5}
+    # A mixed scene: each colour against its own region; the image counts only if all are placed.
     scene = np.maximum(shapes.render("red", "circle", "small", [_cell_centre("left")], 32),
                        shapes.render("blue", "square", "large", [_cell_centre("right")], 32))
-    left_col, right_col = ("top left", "left", "bottom left"), ("top right", "right", "bottom right")
+    left_half = np.zeros((32, 32)); left_half[:, :16] = 1
     acc = fidelity.paint_position_accuracy(
-        [scene, scene], [[("red", left_col), ("blue", right_col)],
-                         [("red", left_col), ("blue", left_col)]])
-    assert acc == {"n": 2, "placed": 0.5, "one_per_region": 0.0, "objects_placed": 0.75}
+        [scene, scene], [[("red", left_half), ("blue", 1 - left_half)],
+                         [("red", left_half), ("blue", left_half)]])
+    assert acc == {"n": 2, "placed": 0.5, "objects_placed": 0.75}
     with pytest.raises(ValueError, match="2 images but 1 target lists"):
-        fidelity.paint_position_accuracy([scene, scene], [[("red", left_col)]])
-    with pytest.raises(ValueError, match="unknown regions"):
-        fidelity.paint_placement(two, "red", ("middle",))
+        fidelity.paint_position_accuracy([scene, scene], [[("red", left_half)]])
+    with pytest.raises(ValueError, match=r"region \(16, 16\) but image \(32, 32\)"):
+        fidelity.paint_placement(scene, "red", np.ones((16, 16)))
 
 
 # ----------------------------------------------------------------------------- the sweep
