@@ -2,18 +2,21 @@
 
     python -m train --config configs/paint_shapes.py --workdir runs/paint/shared
     python -m benchmarks.paint --model runs/paint/shared [--num 256] [--scales 0,2,4,8]
-        [--layout columns|cells] [--weight std] [--timing-rounds 6] [--out DIR]
+        [--layout halves|columns|cells] [--weight std] [--sampling sampler=heun,s_churn=40]
+        [--timing-rounds 6] [--out DIR]
 
 Sample i asks for two objects of different colours ("a red circle and a blue square") and
-paints each phrase ("red circle", "blue square") over its own region of the 3 x 3 grid, the
-regions cycling through four layouts: `columns` paints the left and right columns, then the top
-and bottom rows (each both ways round); `cells` paints single opposite cells (top left / bottom
-right, top right / bottom left, left / right, top / bottom). "placed": both objects drawn and
-each one's centroid inside its own region (every object of that colour, if there are more);
-"objects placed": the same per object; "only the two": placed and nothing else drawn. Scale 0
-is the same prompts and seeds without masks: where the model puts the objects by itself. The
-cost is the time of a sampling call with and without masks (same batch, after compiling, ABBA
-rounds).
+paints each phrase ("red circle", "blue square") over its own region, the regions cycling
+through four arrangements: `halves` (the default) paints the left and right halves of the
+canvas, then the top and bottom halves (each both ways round); `columns` the left and right
+columns of the 3 x 3 grid, then its top and bottom rows, leaving the middle unpainted; `cells`
+single opposite cells (top left / bottom right, top right / bottom left, left / right, top /
+bottom). "placed": both objects drawn and each one's centroid inside its own region (every
+object of that colour, if there are more); "objects placed": the same per object; "only the
+two": placed and nothing else drawn. Scale 0 is the same prompts and seeds without masks: where
+the model puts the objects by itself. The cost is the time of a sampling call with and without
+masks (same batch, after compiling, ABBA rounds). `--sampling` overrides the run's sampling
+settings (SamplingConfig fields).
 """
 from __future__ import annotations
 
@@ -25,25 +28,34 @@ import numpy as np
 _LEFT, _RIGHT = ("top left", "left", "bottom left"), ("top right", "right", "bottom right")
 _TOP, _BOTTOM = ("top left", "top", "top right"), ("bottom left", "bottom", "bottom right")
 LAYOUTS = {
+    "halves": (("left half", "right half"), ("right half", "left half"),
+               ("top half", "bottom half"), ("bottom half", "top half")),
     "columns": ((_LEFT, _RIGHT), (_RIGHT, _LEFT), (_TOP, _BOTTOM), (_BOTTOM, _TOP)),
     "cells": ((("top left",), ("bottom right",)), (("top right",), ("bottom left",)),
               (("left",), ("right",)), (("top",), ("bottom",))),
 }
 
 
-def cell_mask(regions, resolution: int) -> np.ndarray:
-    """1 over the named cells of the 3 x 3 grid, 0 elsewhere."""
+def region_mask(region, resolution: int) -> np.ndarray:
+    """1 over a region, 0 elsewhere: a half of the canvas by name ("left half", ...) or a
+    tuple of cells of the 3 x 3 grid."""
     from ediffi_jax.data.shapes import region_box
 
     mask = np.zeros((resolution, resolution), np.float32)
-    for r in regions:
+    half = resolution // 2
+    halves = {"left half": np.s_[:, :half], "right half": np.s_[:, half:],
+              "top half": np.s_[:half], "bottom half": np.s_[half:]}
+    if isinstance(region, str):
+        mask[halves[region]] = 1.0
+        return mask
+    for r in region:
         x0, y0, x1, y1 = region_box(r, resolution)
         mask[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))] = 1.0
     return mask
 
 
-def cases(num: int, layout: str = "columns", seed: int = 0):
-    """(prompt, [(phrase, colour, cells), (phrase, colour, cells)]) per sample: two different
+def cases(num: int, layout: str = "halves", seed: int = 0):
+    """(prompt, [(phrase, colour, region), (phrase, colour, region)]) per sample: two different
     colours, shapes drawn freely, the regions of the layout in turn."""
     from ediffi_jax.data.shapes import COLOUR_NAMES, SHAPES
 
@@ -64,21 +76,38 @@ def paint_for(chunk, scale: float, weight: str, res: int):
     from ediffi_jax.paint.masks import PhraseMask
     from sample.generate import Paint
 
-    masks = tuple(tuple(PhraseMask(phrase, cell_mask(cells, res)) for phrase, _, cells in objects)
-                  for _, objects in chunk)
+    masks = tuple(tuple(PhraseMask(phrase, region_mask(region, res))
+                        for phrase, _, region in objects) for _, objects in chunk)
     return Paint(masks, scale, PaintSettings(weight))
 
 
+def sampling_with(run_spec, overrides: str):
+    """The run's SamplingConfig with "key=value,..." overrides (unknown keys are an error)."""
+    import dataclasses
+
+    from ediffi_jax.config import parse_value, section
+    from ediffi_jax.diffusion.plan import SamplingConfig
+
+    values = dataclasses.asdict(run_spec.stage.sampling)
+    for item in filter(None, overrides.split(",")):
+        key, _, text = item.partition("=")
+        values[key.strip()] = parse_value(text.strip())
+    return section(SamplingConfig, values, "sampling")
+
+
 def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
-        batch: int = 64):
+        sampling: str = "", batch: int = 64):
     from ediffi_jax.data.shapes import count_objects
     from ediffi_jax.eval.fidelity import paint_position_accuracy
     from sample.generate import generate, grid, load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
+    settings = sampling_with(run_spec, sampling)
+    print(f"{model}: {settings}", flush=True)
     res = run_spec.stage.model.resolution
     todo = cases(num, layout)
-    targets = [[(colour, cells) for _, colour, cells in objects] for _, objects in todo]
+    targets = [[(colour, region_mask(region, res)) for _, colour, region in objects]
+               for _, objects in todo]
     rows = []
     for scale in scales:
         images = []
@@ -87,7 +116,7 @@ def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
             chunk = todo[i:i + batch]
             paint = paint_for(chunk, scale, weight, res) if scale > 0 else None
             images += list(generate(run_spec, ensemble, [prompt for prompt, _ in chunk],
-                                    paint=paint, first_index=i))
+                                    paint=paint, first_index=i, sampling=settings))
         acc = paint_position_accuracy(images, targets)
         clean = np.mean([count_objects(im) == 2 and paint_position_accuracy([im], [t])["placed"]
                          for im, t in zip(images, targets)])
@@ -107,7 +136,8 @@ def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
     return rows
 
 
-def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
+def timing(model: str, scale: float, weight: str, rounds: int, sampling: str = "",
+           batch: int = 8):
     """Median seconds per sampling call with and without masks; paired ratio."""
     import jax
 
@@ -117,6 +147,7 @@ def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
     from sample.generate import generate, load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
+    settings = sampling_with(run_spec, sampling)
     chunk = cases(batch)
     paint = paint_for(chunk, scale, weight, run_spec.stage.model.resolution)
     runners = {k: PlanRunner(unet_denoise_fn(UNet(run_spec.stage.model))) for k in ("plain", "paint")}
@@ -125,7 +156,7 @@ def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
         t = time.perf_counter()
         jax.block_until_ready(generate(run_spec, ensemble, [c[0] for c in chunk],
                                        paint=paint if kind == "paint" else None,
-                                       runner=runners[kind]))
+                                       runner=runners[kind], sampling=settings))
         return time.perf_counter() - t
 
     call("plain"), call("paint")
@@ -134,7 +165,7 @@ def timing(model: str, scale: float, weight: str, rounds: int, batch: int = 8):
         for kind in (("plain", "paint") if r % 2 == 0 else ("paint", "plain")):
             times[kind].append(call(kind))
     ratios = np.array(times["paint"]) / np.array(times["plain"])
-    steps = run_spec.stage.sampling.num_steps
+    steps = settings.num_steps
     return (float(np.median(times["plain"])) / steps, float(np.median(times["paint"])) / steps,
             float(np.median(ratios)), float(ratios.min()), float(ratios.max()))
 
@@ -145,8 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="runs/paint/shared")
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--scales", default="0,2,4,8")
-    p.add_argument("--layout", default="columns", choices=sorted(LAYOUTS))
+    p.add_argument("--layout", default="halves", choices=sorted(LAYOUTS))
     p.add_argument("--weight", default="std")
+    p.add_argument("--sampling", default="", help="SamplingConfig overrides, key=value,...")
     p.add_argument("--out", default="")
     p.add_argument("--timing-rounds", type=int, default=6)
     p.add_argument("--timing-scale", type=float, default=4.0)
@@ -155,7 +187,7 @@ def main(argv=None) -> int:
 
     configure_cpu_host()
     rows = run(args.model, args.num, [float(s) for s in args.scales.split(",")], args.weight,
-               args.layout, args.out)
+               args.layout, args.out, args.sampling)
     print(f"\n| paint scale w' ({args.layout}, n = {args.num}) | placed | objects placed | "
           f"only the two |")
     print("|---|---|---|---|")
@@ -164,7 +196,7 @@ def main(argv=None) -> int:
               f"{r['objects']:.3f} | {r['clean']:.3f} |")
     if args.timing_rounds:
         plain, painted, ratio, lo, hi = timing(args.model, args.timing_scale, args.weight,
-                                               args.timing_rounds)
+                                               args.timing_rounds, args.sampling)
         print(f"\nPer sampling step (batch 8 with CFG, after compiling, {args.timing_rounds} ABBA "
               f"rounds): no masks {1e3 * plain:.1f} ms, with masks {1e3 * painted:.1f} ms; ratio "
               f"{ratio:.3f} (median of paired rounds; {lo:.3f}-{hi:.3f})")

@@ -166,19 +166,40 @@ def test_pooled_text_off_leaves_cross_attention_as_the_only_text_path():
 
 
 def test_the_placement_benchmark_paints_each_object_over_its_own_region():
-    from benchmarks.paint import LAYOUTS, cases, cell_mask, paint_for
+    from benchmarks.paint import LAYOUTS, cases, paint_for, region_mask
 
     model = tiny_unet_config(resolution=30, attention_resolutions=(15,), t5_length=8,
                              clip_length=8)
-    todo = cases(8, "columns")
-    paint = paint_for(todo, 4.0, "std", model.resolution)
-    for i, (prompt, objects) in enumerate(todo):
-        (p0, c0, r0), (p1, c1, r1) = objects
-        assert c0 != c1 and prompt == f"a {p0} and a {p1}"
-        assert (r0, r1) == LAYOUTS["columns"][i % 4] and not set(r0) & set(r1)
-        a = paint_conditioning(WordEncoder.for_model(model), model, [prompt], paint.masks[i])[0]
-        # words: a <p0> and a <p1> -> p0 at 1, 2 and p1 at 5, 6 in each stream (CLIP from 8).
-        for column, cells in [(1, r0), (2, r0), (5, r1), (6, r1), (9, r0), (13, r1)]:
-            np.testing.assert_array_equal(a[..., column], cell_mask(cells, 30))
-        assert cell_mask(r0, 30).sum() == 10 * 30  # a column or a row: 3 of the 9 cells
-        assert not a[..., [0, 3, 4, 8, 11, 12]].any()
+    for layout in ("halves", "columns"):
+        todo = cases(8, layout)
+        paint = paint_for(todo, 4.0, "std", model.resolution)
+        for i, (prompt, objects) in enumerate(todo):
+            (p0, c0, r0), (p1, c1, r1) = objects
+            assert c0 != c1 and prompt == f"a {p0} and a {p1}"
+            assert (r0, r1) == LAYOUTS[layout][i % 4]
+            m0, m1 = region_mask(r0, 30), region_mask(r1, 30)
+            assert not (m0 * m1).any()  # the two regions never overlap
+            # halves cover the canvas; a column or a row is 3 of the 9 cells
+            assert m0.sum() == m1.sum() == (450 if layout == "halves" else 300)
+            a = paint_conditioning(WordEncoder.for_model(model), model, [prompt],
+                                   paint.masks[i])[0]
+            # words: a <p0> and a <p1> -> p0 at 1, 2 and p1 at 5, 6 in each stream (CLIP from 8)
+            for column, mask in [(1, m0), (2, m0), (5, m1), (6, m1), (9, m0), (13, m1)]:
+                np.testing.assert_array_equal(a[..., column], mask)
+            assert not a[..., [0, 3, 4, 8, 11, 12]].any()
+    np.testing.assert_array_equal(region_mask("left half", 4)[0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(region_mask("bottom half", 4)[:, 0], [0, 0, 1, 1])
+
+
+def test_the_placement_benchmark_overrides_sampling_by_name():
+    from types import SimpleNamespace
+
+    from benchmarks.paint import sampling_with
+    from ediffi_jax.config import ConfigError
+    from ediffi_jax.diffusion.plan import SamplingConfig
+
+    run = SimpleNamespace(stage=SimpleNamespace(sampling=SamplingConfig(num_steps=20)))
+    s = sampling_with(run, "sampler=heun, s_churn=40,guidance_scale=5")
+    assert (s.sampler, s.s_churn, s.guidance_scale, s.num_steps) == ("heun", 40, 5, 20)
+    with pytest.raises(ConfigError, match="s_chrun"):
+        sampling_with(run, "s_chrun=40")
