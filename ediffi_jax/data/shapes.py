@@ -20,10 +20,11 @@ The images
   "bottom right"). An object's centroid (centre of mass) lies in its cell, within a quarter of a
   cell of the cell's centre (clipped so that the object stays 1/32 R away from the border), so
   the cell can be read back from the centroid.
-* Count: 1 to ``max_objects`` (<= 4). All objects of one image share colour, shape and size and
-  sit in distinct cells; their bounding boxes are at least ``0.07 R`` (2.2 px at 32) apart, so
-  they never touch. Placements are rejection-sampled, and a set of cells in which they cannot
-  fit (e.g. three large objects in one row) is redrawn.
+* Count: 1 to ``max_objects`` (<= 4). All objects of one image share colour, shape and size
+  (unless ``mixed``: then each object has its own colour, all different, and its own shape
+  and size) and sit in distinct cells; their bounding boxes are at least ``0.07 R`` (2.2 px at
+  32) apart, so they never touch. Placements are rejection-sampled, and a set of cells in which
+  they cannot fit (e.g. three large objects in one row) is redrawn.
 * Drawn at 4 x 4 supersampling and box-filtered to the resolution: crisp, exactly anti-aliased.
 
 Everything scales with the resolution: the dataset at 64 is the dataset at 32, drawn finer.
@@ -41,7 +42,15 @@ Captions
     a red circle
     two blue squares
 
-``make_caption`` builds them and ``parse_caption`` inverts them.
+``mixed=True`` (each object its own colour) joins one single-object caption per object with
+"and", in random order so the words never say where an object is::
+
+    a red circle and a blue square                                             (short)
+    a small red circle on the right and a large blue square at the top left    (full)
+
+``make_caption`` builds them and ``parse_caption`` inverts them (one object phrase at a time for
+a mixed scene; the graders of one colour, ``truth_names`` / ``caption_accuracy``, refuse mixed
+ground truths, whose objects ``object_centroids`` checks colour by colour).
 
 Ground truth
 ------------
@@ -343,14 +352,16 @@ def _place(rng: np.random.Generator, shapes: Sequence[str], sides: Sequence[floa
     extents = [_extents(shape, s) for shape, s in zip(shapes, sides)]
     for _ in range(_MAX_REGION_DRAWS):
         regions = np.sort(rng.choice(len(REGIONS), size=count, replace=False))
-        ranges = [_centre_range(int(r), shape, s, res) for r, shape, s in zip(regions, shapes, sides)]
+        ranges = [_centre_range(int(r), shape, s, res)
+                  for r, shape, s in zip(regions, shapes, sides)]
         for _ in range(_MAX_PLACEMENT_TRIES if count > 1 else 1):
             centres = [(rng.uniform(x0, x1), rng.uniform(y0, y1)) for x0, x1, y0, y1 in ranges]
             boxes = [(x - left, x + right, y - up, y + down)
                      for (x, y), (left, right, up, down) in zip(centres, extents)]
             if _apart(boxes, GAP * res):
                 return regions, centres
-    raise RuntimeError(f"could not place {list(shapes)} of sides {list(sides)} at {res}")  # pragma: no cover
+    raise RuntimeError(  # pragma: no cover
+        f"could not place {list(shapes)} of sides {list(sides)} at {res}")
 
 
 # ----------------------------------------------------------------------------- the source
