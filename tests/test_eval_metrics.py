@@ -157,11 +157,7 @@ def _cell_centre(region, res=32):
 
 
 def _cells(*regions, res=32):
-    mask = np.zeros((res, res), np.float32)
-    for r in regions:
-        x0, y0, x1, y1 = (int(round(v)) for v in shapes.region_box(r, res))
-        mask[y0:y1, x0:x1] = 1.0
-    return mask
+    return shapes.cells_mask(regions, res)
 
 
 def test_paint_position_accuracy_reads_centroids_against_painted_regions():

@@ -276,6 +276,16 @@ def region_box(region: str | int, resolution: int) -> tuple[float, float, float,
     return (col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)
 
 
+def cells_mask(regions: Sequence[str | int], resolution: int) -> np.ndarray:
+    """A [R, R] float32 mask: 1 over the named (or indexed) cells of the grid, rounded to whole
+    pixels, 0 elsewhere (a region to paint, or to grade a centroid against)."""
+    mask = np.zeros((resolution, resolution), np.float32)
+    for r in regions:
+        x0, y0, x1, y1 = (int(round(v)) for v in region_box(r, resolution))
+        mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
 def region_of(x: float, y: float, resolution: int) -> str:
     """The name of the cell containing the point ``(x, y)`` (pixels, x right, y down)."""
     col = min(max(int(math.floor(3 * x / resolution)), 0), 2)
