@@ -2,8 +2,8 @@
 
     python -m train --config configs/paint_shapes.py --workdir runs/paint/shared
     python -m benchmarks.paint --model runs/paint/shared [--num 256] [--scales 0,2,4,8]
-        [--layout halves|columns|cells] [--weight std] [--sampling sampler=heun,s_churn=40]
-        [--timing-rounds 6] [--out DIR]
+        [--layout halves|columns|cells] [--weight std] [--timing-rounds 6] [--out DIR]
+        [--config.sampling.sampler=heun --config.sampling.s_churn=40 ...]
 
 Sample i asks for two objects of different colours ("a red circle and a blue square") and
 paints each phrase ("red circle", "blue square") over its own region, the regions cycling
@@ -15,8 +15,8 @@ bottom). "placed": both objects drawn and each one's centroid inside its own reg
 object of that colour, if there are more); "objects placed": the same per object; "only the
 two": placed and nothing else drawn. Scale 0 is the same prompts and seeds without masks: where
 the model puts the objects by itself. The cost is the time of a sampling call with and without
-masks (same batch, after compiling, ABBA rounds). `--sampling` overrides the run's sampling
-settings (SamplingConfig fields).
+masks (same batch, after compiling, ABBA rounds). `--config.sampling.key=value` overrides the
+run's sampling settings, as in `python -m sample`.
 """
 from __future__ import annotations
 
@@ -78,28 +78,14 @@ def paint_for(chunk, scale: float, weight: str, res: int):
     return Paint(masks, scale, PaintSettings(weight))
 
 
-def sampling_with(run_spec, overrides: str):
-    """The run's SamplingConfig with "key=value,..." overrides (unknown keys are an error)."""
-    import dataclasses
-
-    from ediffi_jax.config import parse_value, section
-    from ediffi_jax.diffusion.plan import SamplingConfig
-
-    values = dataclasses.asdict(run_spec.stage.sampling)
-    for item in filter(None, overrides.split(",")):
-        key, _, text = item.partition("=")
-        values[key.strip()] = parse_value(text.strip())
-    return section(SamplingConfig, values, "sampling")
-
-
 def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
-        sampling: str = "", batch: int = 64):
+        overrides=(), batch: int = 64):
     from ediffi_jax.data.shapes import count_objects
     from ediffi_jax.eval.fidelity import paint_position_accuracy
-    from sample.generate import generate, grid, load_ensemble
+    from sample.generate import generate, grid, load_ensemble, sampling_with_overrides
 
     run_spec, ensemble = load_ensemble(model)
-    settings = sampling_with(run_spec, sampling)
+    settings = sampling_with_overrides(run_spec, overrides)
     print(f"{model}: {settings}", flush=True)
     res = run_spec.stage.model.resolution
     todo = cases(num, layout)
@@ -133,7 +119,7 @@ def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
     return rows
 
 
-def timing(model: str, scale: float, weight: str, rounds: int, sampling: str = "",
+def timing(model: str, scale: float, weight: str, rounds: int, overrides=(),
            batch: int = 8):
     """Median seconds per sampling call with and without masks; paired ratio."""
     import jax
@@ -141,10 +127,10 @@ def timing(model: str, scale: float, weight: str, rounds: int, sampling: str = "
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import generate, load_ensemble
+    from sample.generate import generate, load_ensemble, sampling_with_overrides
 
     run_spec, ensemble = load_ensemble(model)
-    settings = sampling_with(run_spec, sampling)
+    settings = sampling_with_overrides(run_spec, overrides)
     chunk = cases(batch)
     paint = paint_for(chunk, scale, weight, run_spec.stage.model.resolution)
     runners = {k: PlanRunner(unet_denoise_fn(UNet(run_spec.stage.model))) for k in ("plain", "paint")}
@@ -168,6 +154,12 @@ def timing(model: str, scale: float, weight: str, rounds: int, sampling: str = "
 
 
 def main(argv=None) -> int:
+    import sys
+
+    from ediffi_jax.config import split_overrides
+
+    overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    overrides = [o.replace("--config.", "", 1) for o in overrides]
     p = argparse.ArgumentParser(prog="python -m benchmarks.paint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/paint/shared")
@@ -175,16 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="0,2,4,8")
     p.add_argument("--layout", default="halves", choices=sorted(LAYOUTS))
     p.add_argument("--weight", default="std")
-    p.add_argument("--sampling", default="", help="SamplingConfig overrides, key=value,...")
     p.add_argument("--out", default="")
     p.add_argument("--timing-rounds", type=int, default=6)
     p.add_argument("--timing-scale", type=float, default=4.0)
-    args = p.parse_args(argv)
+    args = p.parse_args(rest)
     from ediffi_jax.parallel.host import configure_cpu_host
 
     configure_cpu_host()
     rows = run(args.model, args.num, [float(s) for s in args.scales.split(",")], args.weight,
-               args.layout, args.out, args.sampling)
+               args.layout, args.out, overrides)
     print(f"\n| paint scale w' ({args.layout}, n = {args.num}) | placed | objects placed | "
           f"only the two |")
     print("|---|---|---|---|")
@@ -193,7 +184,7 @@ def main(argv=None) -> int:
               f"{r['objects']:.3f} | {r['clean']:.3f} |")
     if args.timing_rounds:
         plain, painted, ratio, lo, hi = timing(args.model, args.timing_scale, args.weight,
-                                               args.timing_rounds, args.sampling)
+                                               args.timing_rounds, overrides)
         print(f"\nPer sampling step (batch 8 with CFG, after compiling, {args.timing_rounds} ABBA "
               f"rounds): no masks {1e3 * plain:.1f} ms, with masks {1e3 * painted:.1f} ms; ratio "
               f"{ratio:.3f} (median of paired rounds; {lo:.3f}-{hi:.3f})")

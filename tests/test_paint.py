@@ -191,15 +191,16 @@ def test_the_placement_benchmark_paints_each_object_over_its_own_region():
     np.testing.assert_array_equal(region_mask("bottom half", 4)[:, 0], [0, 0, 1, 1])
 
 
-def test_the_placement_benchmark_overrides_sampling_by_name():
+def test_sampling_overrides_by_name():
     from types import SimpleNamespace
 
-    from benchmarks.paint import sampling_with
     from ediffi_jax.config import ConfigError
     from ediffi_jax.diffusion.plan import SamplingConfig
+    from sample.generate import sampling_with_overrides
 
     run = SimpleNamespace(stage=SimpleNamespace(sampling=SamplingConfig(num_steps=20)))
-    s = sampling_with(run, "sampler=heun, s_churn=40,guidance_scale=5")
+    s = sampling_with_overrides(run, ["sampling.sampler=heun", "sampling.s_churn=40",
+                                      "sampling.guidance_scale=5"])
     assert (s.sampler, s.s_churn, s.guidance_scale, s.num_steps) == ("heun", 40, 5, 20)
     with pytest.raises(ConfigError, match="s_chrun"):
-        sampling_with(run, "s_chrun=40")
+        sampling_with_overrides(run, ["sampling.s_chrun=40"])
