@@ -172,6 +172,17 @@ def test_mixed_scenes_give_each_object_its_own_colour_and_words():
         ShapesConfig(max_objects=3, mixed=True, colours=("red", "blue"))
 
 
+def test_min_objects_sets_the_fewest_objects():
+    counts = [ShapesSource(max_objects=3, min_objects=2, mixed=True, seed=2)[i]["objects"]["count"]
+              for i in range(60)]
+    assert set(counts) == {2, 3}
+    uniform = ShapesSource(max_objects=2, min_objects=2, seed=4)
+    assert all(uniform[i]["objects"]["count"] == 2 and uniform[i]["caption"].startswith("two ")
+               for i in range(20))
+    with pytest.raises(ValueError, match=r"min_objects must be in \[1, 2\], got 3"):
+        ShapesConfig(max_objects=2, min_objects=3)
+
+
 # ------------------------------------------------------------------------------ the checker
 
 

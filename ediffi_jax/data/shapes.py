@@ -20,10 +20,10 @@ The images
   "bottom right"). An object's centroid (centre of mass) lies in its cell, within a quarter of a
   cell of the cell's centre (clipped so that the object stays 1/32 R away from the border), so
   the cell can be read back from the centroid.
-* Count: 1 to ``max_objects`` (<= 4). All objects of one image share colour, shape and size
-  (unless ``mixed``: then each object has its own colour, all different, and its own shape
-  and size) and sit in distinct cells; their bounding boxes are at least ``0.07 R`` (2.2 px at
-  32) apart, so they never touch. Placements are rejection-sampled, and a set of cells in which
+* Count: ``min_objects`` (default 1) to ``max_objects`` (<= 4). All objects of one image share
+  colour, shape and size (unless ``mixed``: then each object has its own colour, all different,
+  and its own shape and size) and sit in distinct cells; their bounding boxes are at least
+  ``0.07 R`` (2.2 px at 32) apart, so they never touch. Placements are rejection-sampled, and a set of cells in which
   they cannot fit (e.g. three large objects in one row) is redrawn.
 * Drawn at 4 x 4 supersampling and box-filtered to the resolution: crisp, exactly anti-aliased.
 
@@ -190,6 +190,7 @@ class ShapesConfig:
 
     resolution: int = 32
     max_objects: int = 1
+    min_objects: int = 1  # min = max = 2: every scene has two objects
     colours: tuple[str, ...] = COLOUR_NAMES
     shapes: tuple[str, ...] = SHAPES
     sizes: tuple[str, ...] = SIZES
@@ -201,6 +202,7 @@ class ShapesConfig:
     def __post_init__(self):
         _check_int("resolution", self.resolution, 16)
         _check_int("max_objects", self.max_objects, 1, MAX_OBJECTS)
+        _check_int("min_objects", self.min_objects, 1, self.max_objects)
         object.__setattr__(self, "colours", _check_subset("colours", self.colours, COLOUR_NAMES))
         object.__setattr__(self, "shapes", _check_subset("shapes", self.shapes, SHAPES))
         object.__setattr__(self, "sizes", _check_subset("sizes", self.sizes, SIZES))
@@ -411,7 +413,7 @@ class ShapesSource:
         res = cfg.resolution
         rng = np.random.default_rng([cfg.seed, i])
         if cfg.mixed:
-            count = int(rng.integers(1, cfg.max_objects + 1))
+            count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
             colours = [cfg.colours[k] for k in rng.choice(len(cfg.colours), count, replace=False)]
             shapes = [cfg.shapes[k] for k in rng.integers(len(cfg.shapes), size=count)]
             sizes = [cfg.sizes[k] for k in rng.integers(len(cfg.sizes), size=count)]
@@ -419,7 +421,7 @@ class ShapesSource:
             colour = cfg.colours[rng.integers(len(cfg.colours))]
             shape = cfg.shapes[rng.integers(len(cfg.shapes))]
             size = cfg.sizes[rng.integers(len(cfg.sizes))]
-            count = int(rng.integers(1, cfg.max_objects + 1))
+            count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
             colours, shapes, sizes = [colour] * count, [shape] * count, [size] * count
         regions, centres = _place(rng, shapes, [SIZE_FRACTION[z] * res for z in sizes], res)
         names = [REGIONS[r] for r in regions]
