@@ -138,3 +138,18 @@ def test_dry_run_plans_a_patch_trained_sr_stage():
     with pytest.raises(ConfigError, match="smaller than model.resolution"):
         plan_run(load_config("configs/tiny.py", MINIMAL + ["model.lowres_scale=2",
                                                            "data.resolution=4"], run_schema()))
+
+
+def test_mfu_benchmark_runs_the_planned_step_and_reports_its_plan(plan):
+    """benchmarks/train_mfu.py: the executable it times is the one the planner sizes (same
+    bytes and FLOPs as plan_run's), its steps really run, and MFU is the stated ratio."""
+    from benchmarks.train_mfu import measure, peak_tflops
+
+    r = measure(small_config("mesh.shape=(2,2,2)"), steps=2, peak=0.5)
+    assert r["planned_bytes"] == plan.total_bytes and r["xla_flops_per_step"] == plan.flops_per_step
+    assert r["steps_run"] == 4 and math.isfinite(r["loss"]) and r["batch"] == 16
+    assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / r["seconds_per_step"] / 8 / 0.5e12)
+    # Convs and dots of forward + backward: the order of XLA's count of the whole program.
+    assert 0.5 * plan.flops_per_step < r["model_flops_per_step"] <= 1.5 * plan.flops_per_step
+    assert r["peak_bytes_in_use"] is None  # CPU devices keep no memory statistics
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("cpu") is None

@@ -170,10 +170,24 @@ class Plan:
         return lines
 
 
-def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 80.0) -> Plan:
-    """Compile the run's train step for `devices` devices (default: all here) on abstract,
-    sharded state and batch. A mesh or batch that does not fit the devices raises ConfigError
-    before anything compiles."""
+@dataclasses.dataclass(frozen=True)
+class PlannedStep:
+    """The trainer's jitted train step for a mesh, and abstract, sharded inputs for it."""
+
+    run: object  # RunSpec
+    mesh: jax.sharding.Mesh
+    optimizer: object
+    param_shardings: object
+    state_shardings: object
+    step: object  # jax.jit(train_step) with the trainer's shardings and donation
+    state: object  # ShapeDtypeStructs
+    batch: dict
+    interval: object
+
+
+def plan_step(config, devices: int | None = None) -> PlannedStep:
+    """The run's train step as the trainer builds it (train.trainer.train), on abstract inputs.
+    A mesh or batch that does not fit the devices raises ConfigError before anything compiles."""
     run = parse_run(config)
     tcfg, model = run.train, run.stage.model
     chosen = _devices(devices)
@@ -184,7 +198,6 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
     check_layout(run, mesh)
     check_stage_sizes(run)
 
-    # The trainer's state and shardings (train.trainer.train), as abstract values.
     optimizer = make_optimizer(tcfg)
     abstract_boxed = jax.eval_shape(lambda: boxed_init(model, jax.random.key(tcfg.seed)))
     abstract_params = nn.meta.unbox(abstract_boxed)
@@ -215,9 +228,25 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
         in_shardings=(state_sh, batch_sh, replicated), donate_argnums=0,
         out_shardings=(state_sh, replicated),  # as the trainer: metrics replicated
     )
-    interval = abstract_like(tcfg.sigma_interval(), replicated)
-    compiled = step.lower(state, batch, interval).compile()
+    return PlannedStep(run=run, mesh=mesh, optimizer=optimizer, param_shardings=param_sh,
+                       state_shardings=state_sh, step=step, state=state, batch=batch,
+                       interval=abstract_like(tcfg.sigma_interval(), replicated))
 
+
+def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 80.0) -> Plan:
+    """Compile the run's train step for `devices` devices (default: all here) on abstract,
+    sharded state and batch. A mesh or batch that does not fit the devices raises ConfigError
+    before anything compiles."""
+    planned = plan_step(config, devices)
+    compiled = planned.step.lower(planned.state, planned.batch, planned.interval).compile()
+    return plan_of(planned, compiled, device_memory_gib)
+
+
+def plan_of(planned: PlannedStep, compiled, device_memory_gib: float = 80.0) -> Plan:
+    """The Plan of a compiled planned step: sizes from its shardings and buffer assignment."""
+    run, mesh, state, batch = planned.run, planned.mesh, planned.state, planned.batch
+    tcfg, model = run.train, run.stage.model
+    b = tcfg.batch_size
     mem = compiled.memory_analysis()
     params_bytes = _per_device_bytes(state.params)
     optimizer_bytes = _per_device_bytes(state.opt_state)
@@ -234,7 +263,7 @@ def plan_run(config, *, devices: int | None = None, device_memory_gib: float = 8
         name=run.stage.name, platform=mesh.devices.flat[0].platform, devices=mesh.size,
         mesh=dict(mesh.shape), batch_size=b, per_device_batch=b // tcfg.grad_accum // shards,
         grad_accum=tcfg.grad_accum, experts=len(run.stage.experts),
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)),
+        params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
         params_bytes=params_bytes, optimizer_bytes=optimizer_bytes, ema_bytes=ema_bytes,
         batch_bytes=batch_bytes, temp_bytes=temp, total_bytes=total,
         flops_per_device=cost_of(compiled), device_memory=int(device_memory_gib * GIB),
