@@ -5,7 +5,7 @@ import re
 import pytest
 
 from ediffi_jax import info
-from ediffi_jax.config import ConfigError, apply_override, load_config
+from ediffi_jax.config import ConfigError, load_config
 from ediffi_jax.models.unet import UNetConfig, count_params, init_params
 from ediffi_jax.spec import parse_config
 

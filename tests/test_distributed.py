@@ -11,7 +11,6 @@ import jax
 import pytest
 
 from ediffi_jax.config import ConfigError, load_config, section
-from ediffi_jax.parallel import distributed
 from ediffi_jax.parallel.distributed import DistributedConfig, detect, initialize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

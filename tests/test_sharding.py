@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.mesh import (

@@ -1,5 +1,4 @@
 """The training step: sharding invariance, per-example randomness, dropout, non-finite skips."""
-import dataclasses
 import functools
 
 import jax
