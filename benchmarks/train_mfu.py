@@ -51,15 +51,17 @@ def random_inputs(planned, seed: int = 0):
                      out_shardings=planned.param_shardings)(jax.random.key(seed))
     state = jax.jit(lambda p: init_state(p, planned.optimizer),
                     out_shardings=planned.state_shardings)(params)
-    leaves, treedef = jax.tree.flatten(planned.batch)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(planned.batch)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
 
-    def fill(key, x):
+    def fill(key, path, x):
+        if "mask" in jax.tree_util.keystr(path):  # every token present
+            return jnp.ones(x.shape, x.dtype)
         if jnp.issubdtype(x.dtype, jnp.floating):
             return jax.random.normal(key, x.shape, x.dtype)
         return jnp.zeros(x.shape, x.dtype)  # indices and crop corners
 
-    batch = jax.jit(lambda ks: jax.tree.unflatten(treedef, [fill(k, x) for k, x in zip(ks, leaves)]),
+    batch = jax.jit(lambda ks: jax.tree.unflatten(treedef, [fill(k, *leaf) for k, leaf in zip(ks, leaves)]),
                     out_shardings=jax.tree.map(lambda x: x.sharding, planned.batch))(keys)
     batch["index"] = jax.device_put(jnp.arange(tcfg.batch_size, dtype=jnp.int32),
                                     planned.batch["index"].sharding)
@@ -87,6 +89,8 @@ def measure(config, *, steps: int = 10, peak: float | None = None) -> dict:
         state, metrics = compiled(state, batch, interval)
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - t) / steps
+    if int(state.nonfinite_total):  # a skipped update is cheaper: the time would not count
+        raise RuntimeError(f"{int(state.nonfinite_total)} of the steps were non-finite and skipped")
     device = jax.devices()[0]
     n = planned.mesh.size
     peak = peak if peak is not None else peak_tflops(device.device_kind)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/base64.py:A")
     p.add_argument("--batch-per-device", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device (default: by kind)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: by device kind)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(rest)
     import jax
