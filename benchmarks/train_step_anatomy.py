@@ -5,10 +5,10 @@ against torch (benchmarks/vs_diffusers.py) cannot be hiding.
 
 On `vs_diffusers`' small U-Net (1 XLA CPU device, batch 8, the same compiled `train_step`):
 - the kernel census of the optimised program: the top-level instructions of its entry
-  computation (each fusion is one kernel the thunk runtime launches), fusions by kind and by
-  what they wrap, and the elementwise-heavy ones counted separately;
+  computation, and its kernels (each fusion, or op left unfused, is one kernel the thunk
+  runtime launches) by what they compute: convolution, dot, reduction, elementwise, ...;
 - the update part alone (finite check, global-norm clip + AdamW, EMA, the cond that skips a
-  non-finite step: train/step.py's code after the gradients), jitted with donation, per leaf
+  non-finite step: train/step.py's `apply_update`), jitted with donation, per leaf
   as the trainer runs it against the same on one raveled vector (the multi-tensor form torch's
   fused optimizers use), paired per round.
 """
@@ -63,7 +63,7 @@ def update_timings(rounds: int, iters: int) -> list[tuple[float, float]]:
 
     from benchmarks.vs_diffusers import CONFIGS
     from ediffi_jax.models.unet import UNetConfig, abstract_params
-    from train.step import TrainConfig, _all_finite, ema_decay, init_state, make_optimizer
+    from train.step import TrainConfig, _all_finite, apply_update, init_state, make_optimizer
 
     cfg = TrainConfig(lr=1e-4, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, ema_warmup=False)
     optimizer = make_optimizer(cfg)
@@ -73,15 +73,8 @@ def update_timings(rounds: int, iters: int) -> list[tuple[float, float]]:
     grads = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32) * 0.01, abstract)
 
     def update(state, grads):  # train_step after compute_grads, as there
-        def apply(state):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            p = optax.apply_updates(state.params, updates)
-            d = ema_decay(cfg, state.step)
-            ema = jax.tree.map(lambda e, q: d * e + (1 - d) * q, state.ema_params, p)
-            return state.replace(params=p, opt_state=opt_state, ema_params=ema)
-
-        state = jax.lax.cond(_all_finite(grads), apply, lambda s: s, state)
-        return state.replace(step=state.step + 1), optax.tree.norm(grads)
+        state = apply_update(state, grads, _all_finite(grads), cfg=cfg, optimizer=optimizer)
+        return state, optax.tree.norm(grads)
 
     step = jax.jit(update, donate_argnums=0)
     forms = {"per leaf": (params, grads),

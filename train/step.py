@@ -206,14 +206,10 @@ def compute_grads(params, batch, dropout_key, interval, *, unet: UNet, cfg: Trai
     return jnp.mean(losses), in_batch_order(per_example), in_batch_order(sigma), grads
 
 
-def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConfig,
-               optimizer: optax.GradientTransformation):
-    """One optimizer step on sigmas from `interval` (cfg.sigma_interval()); an update with a
-    non-finite loss or gradient is skipped and counted. Returns (state, metrics)."""
-    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
-    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key, interval,
-                                                    unet=unet, cfg=cfg)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+def apply_update(state: TrainState, grads, finite, *, cfg: TrainConfig,
+                 optimizer: optax.GradientTransformation) -> TrainState:
+    """The optimizer step, EMA and step count on `grads`; with `finite` false the update is
+    skipped and counted instead."""
 
     def apply(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -228,7 +224,18 @@ def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConf
                              nonfinite_total=state.nonfinite_total + 1)
 
     state = jax.lax.cond(finite, apply, skip, state)
-    state = state.replace(step=state.step + 1)
+    return state.replace(step=state.step + 1)
+
+
+def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConfig,
+               optimizer: optax.GradientTransformation):
+    """One optimizer step on sigmas from `interval` (cfg.sigma_interval()); an update with a
+    non-finite loss or gradient is skipped and counted. Returns (state, metrics)."""
+    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
+    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key, interval,
+                                                    unet=unet, cfg=cfg)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    state = apply_update(state, grads, finite, cfg=cfg, optimizer=optimizer)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
