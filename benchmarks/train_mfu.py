@@ -38,17 +38,15 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def random_inputs(planned, seed: int = 0):
     """Real state (the trainer's init, sharded as it shards it) and a random batch."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from ediffi_jax.models.unet import boxed_init
+    from ediffi_jax.parallel.mesh import sharded_init
     from train.step import init_state
 
-    run = planned.run
-    model, tcfg = run.stage.model, run.train
-    params = jax.jit(lambda k: nn.meta.unbox(boxed_init(model, k)),
-                     out_shardings=planned.param_shardings)(jax.random.key(seed))
+    model, tcfg = planned.run.stage.model, planned.run.train
+    params, _ = sharded_init(lambda: boxed_init(model, jax.random.key(seed)), planned.mesh)
     state = jax.jit(lambda p: init_state(p, planned.optimizer),
                     out_shardings=planned.state_shardings)(params)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(planned.batch)

@@ -177,7 +177,6 @@ class PlannedStep:
     run: object  # RunSpec
     mesh: jax.sharding.Mesh
     optimizer: object
-    param_shardings: object
     state_shardings: object
     step: object  # jax.jit(train_step) with the trainer's shardings and donation
     state: object  # ShapeDtypeStructs
@@ -228,8 +227,8 @@ def plan_step(config, devices: int | None = None) -> PlannedStep:
         in_shardings=(state_sh, batch_sh, replicated), donate_argnums=0,
         out_shardings=(state_sh, replicated),  # as the trainer: metrics replicated
     )
-    return PlannedStep(run=run, mesh=mesh, optimizer=optimizer, param_shardings=param_sh,
-                       state_shardings=state_sh, step=step, state=state, batch=batch,
+    return PlannedStep(run=run, mesh=mesh, optimizer=optimizer, state_shardings=state_sh,
+                       step=step, state=state, batch=batch,
                        interval=abstract_like(tcfg.sigma_interval(), replicated))
 
 

@@ -23,8 +23,8 @@ The images
 * Count: ``min_objects`` (default 1) to ``max_objects`` (<= 4). All objects of one image share
   colour, shape and size (unless ``mixed``: then each object has its own colour, all different,
   and its own shape and size) and sit in distinct cells; their bounding boxes are at least
-  ``0.07 R`` (2.2 px at 32) apart, so they never touch. Placements are rejection-sampled, and a set of cells in which
-  they cannot fit (e.g. three large objects in one row) is redrawn.
+  ``0.07 R`` (2.2 px at 32) apart, so they never touch. Placements are rejection-sampled, and a
+  set of cells in which they cannot fit (e.g. three large objects in one row) is redrawn.
 * Drawn at 4 x 4 supersampling and box-filtered to the resolution: crisp, exactly anti-aliased.
 
 Everything scales with the resolution: the dataset at 64 is the dataset at 32, drawn finer.
