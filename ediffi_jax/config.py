@@ -147,3 +147,20 @@ def check_sections(config, allowed: Sequence[str]) -> None:
     for key in config.keys():
         if key not in allowed:
             raise unknown_key_error(key, "the config", allowed)
+
+
+def read_json(path: str, what: str = "file") -> Any:
+    """A JSON file's contents; a missing or malformed file is a ConfigError naming the file
+    (and where the syntax breaks), not a bare JSONDecodeError."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                          f"column {e.colno}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e}") from None
