@@ -63,7 +63,7 @@ def update_timings(rounds: int, iters: int) -> list[tuple[float, float]]:
 
     from benchmarks.vs_diffusers import CONFIGS
     from ediffi_jax.models.unet import UNetConfig, abstract_params
-    from train.step import TrainConfig, _all_finite, apply_update, init_state, make_optimizer
+    from train.step import TrainConfig, all_finite, apply_update, init_state, make_optimizer
 
     cfg = TrainConfig(lr=1e-4, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, ema_warmup=False)
     optimizer = make_optimizer(cfg)
@@ -73,7 +73,7 @@ def update_timings(rounds: int, iters: int) -> list[tuple[float, float]]:
     grads = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32) * 0.01, abstract)
 
     def update(state, grads):  # train_step after compute_grads, as there
-        state = apply_update(state, grads, _all_finite(grads), cfg=cfg, optimizer=optimizer)
+        state = apply_update(state, grads, all_finite(grads), cfg=cfg, optimizer=optimizer)
         return state, optax.tree.norm(grads)
 
     step = jax.jit(update, donate_argnums=0)

@@ -8,8 +8,9 @@ trained on the whole interval is an ensemble of one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import sys
+import time
 from fractions import Fraction
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ediffi_jax.config import ConfigError, apply_override, section
+from ediffi_jax.config import ConfigError, apply_override, read_json, section
 from ediffi_jax.diffusion.intervals import ExpertInterval
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
@@ -38,13 +39,16 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
     if is_export(workdir):
         return ml_collections.ConfigDict(read_config(workdir))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    steps = ckpt.steps()
-    if not steps:
-        raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train it first")
-    config = ckpt.restore_config(steps[-1])
-    ckpt.close()
-    return ml_collections.ConfigDict(config)
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"{workdir} does not exist: give a run's workdir or an export")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)  # creates nothing
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train it first")
+        return ml_collections.ConfigDict(ckpt.restore_config(steps[-1]))
+    finally:
+        ckpt.close()
 
 
 def expert_workdirs(path: str) -> list[str]:
@@ -53,12 +57,43 @@ def expert_workdirs(path: str) -> list[str]:
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist: give an ensemble.json, a run's workdir or an "
                           "export")
-    with open(path) as f:
-        spec = json.load(f)
-    if "experts" not in spec or not spec["experts"]:
+    spec = read_json(path, "the ensemble file")
+    experts = spec.get("experts") if isinstance(spec, dict) else None
+    if not experts or not isinstance(experts, list) or not all(isinstance(p, str) for p in experts):
         raise ConfigError(f"{path}: expected {{\"experts\": [workdir, ...]}}")
     base = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(base, p) for p in spec["experts"]]
+    return [os.path.join(base, p) for p in experts]
+
+
+def training_vocabulary(run: RunSpec) -> frozenset[str] | None:
+    """The words of every caption the run's data can make, for the word encoder's warnings:
+    the built-in shapes data's are fixed by its colour, shape, size and position lists (every
+    caption of each count is made once); None for ArrayRecord data (only a pass over every
+    record would tell)."""
+    if run.data.name != "shapes":
+        return None
+    from ediffi_jax.data.shapes import REGIONS, make_caption
+    from ediffi_jax.encoders.toy import caption_words
+    from ediffi_jax.eval.sweep import shapes_config
+
+    cfg = shapes_config(run)
+    # A mixed scene joins one single-object caption per object with "and".
+    counts = (1,) if cfg.mixed else range(cfg.min_objects, cfg.max_objects + 1)
+    words = {"and"} if cfg.mixed and cfg.max_objects > 1 else set()
+    for colour in cfg.colours:
+        for shape in cfg.shapes:
+            for size in cfg.sizes:
+                for n in counts:
+                    for r in range(len(REGIONS)):  # every cell starts some set of n cells
+                        cells = [REGIONS[(r + k) % len(REGIONS)] for k in range(n)]
+                        words.update(caption_words(make_caption(colour, shape, size, cells,
+                                                                cfg.caption_style)))
+    return frozenset(words)
+
+
+def sampling_conditioner(run: RunSpec, mesh=None):
+    """The run's conditioner, told the training vocabulary (its `check_words` warns)."""
+    return make_conditioner(run.encoders, run.stage.model, mesh, training_vocabulary(run))
 
 
 def load_ensemble(path: str, step: int | None = None, ema: bool = True) -> tuple[RunSpec, ExpertEnsemble]:
@@ -92,7 +127,8 @@ def generate(run: RunSpec, ensemble: ExpertEnsemble, prompts: Sequence[str], *, 
     prompt) give the CLIP image embedding; `highres` applies at a `resolution` past the
     training one (ScaleCrafter); `paint` gives phrase masks (paint-with-words)."""
     model = run.stage.model
-    conditioner = conditioner or make_conditioner(run.encoders, model)
+    conditioner = conditioner or sampling_conditioner(run)
+    conditioner.check_words(prompts)
     cond = conditioner.encode(list(prompts), style_images)
     if paint is not None:
         cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
@@ -182,6 +218,41 @@ def sample_settings(run: RunSpec, overrides: Sequence[str]) -> tuple[SamplingCon
         apply_override(base, item)
     return (section(SamplingConfig, base.sampling, "sampling"),
             section(HighResConfig, base.highres, "highres"))
+
+
+class StepProgress:
+    """Sampler steps on stderr, for PlanRunner(progress=...) over `total` steps (all batches
+    and stages): on a terminal one line rewritten in place, elsewhere (a log) a line at each
+    quarter, so a log gets four lines, not one per step."""
+
+    def __init__(self, total: int, what: str = "sampling", stream=None):
+        self.total, self.what, self.done = max(1, total), what, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.shown = time.perf_counter()
+        self.pending = False  # a terminal line without its newline
+
+    def __call__(self, step: int, num_steps: int) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        rate = self.done / max(now - self.start, 1e-9)
+        line = (f"{self.what}: step {self.done}/{self.total}, {rate:.2g} steps/s, "
+                f"ETA {max(self.total - self.done, 0) / rate:.0f} s")
+        if self.tty:
+            if now - self.shown >= 0.2 or self.done >= self.total:
+                self.stream.write("\r" + line + "\x1b[K")
+                self.shown, self.pending = now, True
+        elif 4 * self.done // self.total > 4 * (self.done - 1) // self.total:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        if self.done >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.pending:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.pending = False
 
 
 def grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

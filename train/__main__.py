@@ -27,6 +27,7 @@ def main(argv=None) -> int:
                         "CPU host simulates N)")
     parser.add_argument("--device_memory_gib", type=float, default=80.0,
                         help="dry run: memory of one device in GiB (default 80, an H100)")
+    add_resume_arguments(parser)
     args = parser.parse_args(rest)
     if not args.dry_run and not args.workdir:
         parser.error("--workdir is required (except with --dry_run)")
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     else:
         configure_cpu_host()
     from ediffi_jax.config import ConfigError, load_config
+    from train.checkpoint import CheckpointSaveError
     from train.trainer import run_schema, train
 
     try:
@@ -46,11 +48,22 @@ def main(argv=None) -> int:
             from train.dry_run import dry_run
 
             return dry_run(config, devices=args.devices, device_memory_gib=args.device_memory_gib)
-        train(config, args.workdir)
-    except (ConfigError, FloatingPointError) as e:
+        train(config, args.workdir, changes=args.change,
+              restart_if_unreadable=args.restart_if_unreadable)
+    except (ConfigError, FloatingPointError, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that steer a resume (train/resume.py); `python -m train.branch` takes them too."""
+    parser.add_argument("--change", action="append", default=[], metavar="KEY",
+                        help="on resume, take a new value of this optimisation setting (e.g. "
+                        "train.lr); without it a changed value is an error (repeatable)")
+    parser.add_argument("--restart-if-unreadable", action="store_true",
+                        help="if every checkpoint of the workdir is damaged, train from scratch "
+                        "(default: stop with an error; the damaged ones are kept aside)")
 
 
 if __name__ == "__main__":

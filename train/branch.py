@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="the child run's workdir")
     p.add_argument("--node", help="L/I: the tree node E^L_I")
     p.add_argument("--complement-of", nargs="+", metavar="L/I")
+    from train.__main__ import add_resume_arguments
+
+    add_resume_arguments(p)
     args = p.parse_args(rest)
     configure_cpu_host()
 
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
     from ediffi_jax.config import ConfigError, apply_override, fill_defaults, section
     from ediffi_jax.parallel.distributed import DistributedConfig, initialize
     from sample.generate import run_config
+    from train.checkpoint import CheckpointSaveError
     from train.trainer import parse_run, train
 
     try:
@@ -76,8 +80,9 @@ def main(argv=None) -> int:
         for item in overrides:
             apply_override(config, item)
         config.lock()
-        train(config, args.workdir)
-    except (ConfigError, ValueError) as e:
+        train(config, args.workdir, changes=args.change,
+              restart_if_unreadable=args.restart_if_unreadable)
+    except (ConfigError, ValueError, FloatingPointError, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

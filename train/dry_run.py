@@ -28,10 +28,10 @@ from ediffi_jax.config import ConfigError
 from ediffi_jax.info import cost_of
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.host import configure_cpu_host
-from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh
+from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 from train.checkpoint import abstract_like
 from train.step import init_state, make_optimizer, state_shardings, train_step
-from train.trainer import check_layout, check_stage_sizes, image_resolution, parse_run
+from train.trainer import check_layout, check_stage_sizes, image_resolution, parse_run, run_mesh
 
 GIB = 2**30
 NOT_FIT = 3  # CLI exit status when the layout does not fit
@@ -190,10 +190,7 @@ def plan_step(config, devices: int | None = None) -> PlannedStep:
     run = parse_run(config)
     tcfg, model = run.train, run.stage.model
     chosen = _devices(devices)
-    try:
-        mesh = make_mesh(run.mesh.shape, chosen)
-    except ValueError as e:
-        raise ConfigError(f"mesh.shape: {e}") from e
+    mesh = run_mesh(run, chosen)
     check_layout(run, mesh)
     check_stage_sizes(run)
 

@@ -172,7 +172,7 @@ def loss_fn(params, unet: UNet, cfg: TrainConfig, batch, dropout_key, interval):
     return jnp.mean(per_example), (per_example, sigma)
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -234,7 +234,7 @@ def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConf
     dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
     loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key, interval,
                                                     unet=unet, cfg=cfg)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    finite = jnp.isfinite(loss) & all_finite(grads)
     state = apply_update(state, grads, finite, cfg=cfg, optimizer=optimizer)
     metrics = {
         "loss": loss,

@@ -22,7 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-__all__ = ["SummaryWriter", "crc32c", "masked_crc32c"]
+__all__ = ["SummaryWriter", "crc32c", "masked_crc32c", "truncate_events"]
 
 # --- CRC32C (Castagnoli) -----------------------------------------------------------------------
 
@@ -271,3 +271,80 @@ class SummaryWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- truncation on resume ------------------------------------------------------------------------
+
+
+def _records(data: bytes):
+    """The payloads of a TFRecord byte string; stops at a torn tail (a killed writer)."""
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return
+        yield data[pos + 12: pos + 12 + length]
+        pos = end
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _event_step(event: bytes) -> int | None:
+    """Event.step (field 2) of a serialized Event, or None when it has none."""
+    pos = 0
+    while pos < len(event):
+        key, pos = _read_varint(event, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(event, pos)
+            if field == 2:
+                return value - (1 << 64) if value >= 1 << 63 else value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(event, pos)
+            pos += length
+        else:
+            return None
+    return None
+
+
+def truncate_events(logdir: str, last_step: int) -> int:
+    """Drop every event past `last_step` from the event files in `logdir` (a resumed run redoes
+    those steps; TensorBoard would show both). Each file is rewritten atomically. Returns how
+    many events were dropped."""
+    dropped = 0
+    if not os.path.isdir(logdir):
+        return 0
+    for name in sorted(os.listdir(logdir)):
+        if not name.startswith("events.out.tfevents."):
+            continue
+        path = os.path.join(logdir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        kept = []
+        for payload in _records(data):
+            step = _event_step(payload)
+            if step is not None and step > last_step:
+                dropped += 1
+            else:
+                kept.append(_record(payload))
+        out = b"".join(kept)
+        if out != data:
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(out)
+            os.replace(tmp, path)
+    return dropped

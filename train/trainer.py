@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,10 +29,12 @@ from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
 from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
-from train.checkpoint import Checkpointer, abstract_like
-from train.step import (TrainConfig, TrainState, init_state, learning_rate, make_optimizer,
-                        state_shardings, train_step)
-from train.tensorboard import SummaryWriter
+from train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
+from train.lock import WorkdirLock
+from train.resume import check_changes, check_resume, truncate_metrics
+from train.step import (TrainConfig, TrainState, all_finite, init_state, learning_rate,
+                        make_optimizer, state_shardings, train_step)
+from train.tensorboard import SummaryWriter, truncate_events
 
 DATASETS = ("shapes", "records")
 SIGMA_BUCKETS = (0.125, 0.5, 0.875)  # log-normal quantiles splitting the per-bucket loss
@@ -199,9 +201,8 @@ class _Batches:
 def load_params(workdir: str, shardings=None, step: int | None = None):
     """(params, ema_params, step) of a run's newest (or given) checkpoint, on this host's devices
     whatever the topology it was saved with: placed with `shardings` when given, else on the
-    first device. Reads only the state item: no optimizer structure needed. An export
-    (`train.export`) gives its weights as both params and EMA."""
-    import orbax.checkpoint as ocp
+    first device. An export (`train.export`) gives its weights as both params and EMA. A
+    missing run is an error that creates nothing."""
     from jax.sharding import SingleDeviceSharding
 
     from train.export import is_export, read_config, read_params
@@ -212,27 +213,20 @@ def load_params(workdir: str, shardings=None, step: int | None = None):
         place = shardings if shardings is not None else SingleDeviceSharding(jax.local_devices()[0])
         # Two device copies: params and EMA are separate buffers of a (donated) train state.
         return jax.device_put(weights, place), jax.device_put(weights, place), saved
-
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-    if not steps:
-        raise ConfigError(f"no checkpoint found in {ckpt_dir}: train that run first")
-    step = steps[-1] if step is None else step
-    path = os.path.join(ckpt_dir, str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path)
-    metadata = getattr(metadata, "item_metadata", metadata)
-    # An explicit target for every leaf: orbax refuses target-less restores across topologies.
-    here = SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host too)
-    target = dict(jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata).items())
-    if shardings is not None:  # params and EMA straight onto their (possibly multi-host) shardings
-        for key in ("params", "ema_params"):
-            target[key] = jax.tree.map(
-                lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
-                target[key], shardings)
-    restored = checkpointer.restore(path, target)
-    return restored["params"], restored["ema_params"], step
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"{workdir} does not exist: give a run's workdir or an export")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise ConfigError(f"no checkpoint found in {ckpt.directory}: train that run first")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ConfigError(f"{workdir} has no checkpoint of step {step} (it has {steps})")
+        params, ema = ckpt.restore_params(step, shardings)
+    finally:
+        ckpt.close()
+    return params, ema, step
 
 
 def _bucket_losses(losses: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
@@ -253,21 +247,54 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> TrainState:
-    """Train (or resume) the run described by `config` in `workdir`. Returns the final state."""
+def run_mesh(run: RunSpec, devices=None):
+    """The run's (data, fsdp, tensor) mesh; a shape that does not fit the devices is a
+    ConfigError (the trainer and the dry run both check it before anything compiles)."""
+    try:
+        return make_mesh(run.mesh.shape, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape: {e}") from e
+
+
+def check_parent(init_from: str) -> None:
+    """A branched child's parent must exist before the child's workdir is made."""
+    from train.export import is_export
+
+    if not (is_export(init_from) or os.path.isdir(os.path.join(init_from, "checkpoints"))):
+        raise ConfigError(f"train.init_from {init_from!r} is neither a run's workdir with "
+                          "checkpoints nor an export")
+
+
+def train(config, workdir: str, *, changes: Sequence[str] = (), restart_if_unreadable=False,
+          log=functools.partial(print, flush=True)) -> TrainState:
+    """Train (or resume) the run described by `config` in `workdir`. Returns the final state.
+
+    Resuming compares the saved config with `config` (train/resume.py): what identifies the
+    run may not change, optimisation settings only when named in `changes`. If every
+    checkpoint of the workdir is damaged, the run stops unless `restart_if_unreadable`."""
     run = parse_run(config)
-    tcfg, model = run.train, run.stage.model
     # Multi-host: join the job before anything touches a jax backend (mesh, pipeline, orbax).
     from ediffi_jax.parallel.distributed import DistributedConfig, initialize
 
     initialize(section(DistributedConfig, config.get("distributed"), "distributed"), log=log)
-    mesh = make_mesh(run.mesh.shape)
+    mesh = run_mesh(run)
     check_layout(run, mesh)
     check_stage_sizes(run)
+    config_json = json.loads(config.to_json_best_effort())
+    check_changes(changes, config_json)
+    if run.train.init_from:
+        check_parent(run.train.init_from)
     source = build_source(run.data, image_resolution(run))
-    stage = stage_transform(run, source)
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _train_locked(run, config_json, workdir, mesh, source, changes,
+                             restart_if_unreadable, log)
 
+
+def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, changes,
+                  restart_if_unreadable: bool, log) -> TrainState:
+    tcfg, model = run.train, run.stage.model
+    stage = stage_transform(run, source)
     unpack, encoder = conditioning_source(run, source)
     pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed,
                              transform=[t for t in (unpack, stage) if t is not None])
@@ -283,8 +310,32 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     abstract_state = abstract_like(
         jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params), state_sh)
-    state, start = ckpt.restore(abstract_state, iterator)
+    had_checkpoints, scratch_iterator = bool(ckpt.steps()), iterator.get_state()
+
+    def check_config(step, saved):
+        check_resume(saved, config_json, changes, f"{workdir} (checkpoint {step})", log)
+
+    def verify(step, restored):  # readable, but is it possible?
+        state, data = restored["state"], restored["data"].get_state()
+        if int(state.step) != step:
+            raise CheckpointDamaged(f"its state is at step {int(state.step)}")
+        if data.get("next_index", step) != step:  # the trainer consumes one batch per step
+            raise CheckpointDamaged(f"its input pipeline is at batch {data['next_index']}, "
+                                    f"not {step}")
+        if not bool(jax.jit(all_finite)(state.params)):
+            raise CheckpointDamaged("its parameters are not finite")
+
+    state, start = ckpt.restore(abstract_state, iterator, check_config=check_config,
+                                verify=verify)
     if state is None:
+        if had_checkpoints and not restart_if_unreadable:
+            ckpt.close()
+            raise ConfigError(
+                f"every checkpoint in {ckpt.directory} is unreadable (moved to "
+                f"{ckpt.directory}/unreadable); there is nothing to resume, and this run does "
+                "not start over on its own. To train it again from scratch in this workdir, "
+                "pass --restart-if-unreadable")
+        iterator.set_state(scratch_iterator)  # a failed restore may have moved it
         if tcfg.init_from:  # a branched expert: the parent's params and EMA, a fresh optimizer
             params, ema, parent_step = load_params(tcfg.init_from, param_sh)
             origin = (f"{tcfg.init_from} (step {parent_step}) on sigma quantiles "
@@ -300,6 +351,14 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     else:
         log(f"resumed {run.stage.name} from step {start} in {workdir}")
 
+    primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if primary:  # the steps after the restored one are trained again: drop their old rows
+        dropped = (truncate_metrics(metrics_path, start)
+                   + truncate_events(os.path.join(workdir, "tensorboard"), start))
+        if dropped:
+            log(f"dropped {dropped} logged rows past step {start} (they are trained again)")
+
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
@@ -310,11 +369,9 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
     )
     interval = jax.device_put(tcfg.sigma_interval(), replicated)
     batches = _Batches(iterator, encoder, mesh)
-    primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    config_json = json.loads(config.to_json_best_effort())
     pending: list[tuple[int, dict]] = []
+    logged_loss: dict[int, float] = {}
     t_window, n_window, t_start = time.perf_counter(), 0, time.perf_counter()
 
     def flush_metrics(step: int):
@@ -328,9 +385,11 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
                 f.write(json.dumps({"step": s, "loss": float(m["loss"]),
                                     "grad_norm": float(m["grad_norm"]),
                                     "finite": bool(m["finite"])}) + "\n")
+        logged_loss[fetched[-1][0]] = float(fetched[-1][1]["loss"])
         losses = np.concatenate([m["per_example_loss"] for _, m in fetched])
         sigmas = np.concatenate([m["sigma"] for _, m in fetched])
         finite = np.isfinite(losses)
+        skipped = sum(not bool(m["finite"]) for _, m in fetched)
         scalars = {"loss": float(losses[finite].mean()) if finite.any() else float("nan"),
                    "images_per_second": rate,
                    "learning_rate": float(learning_rate(tcfg)(step - 1))}  # of the last step
@@ -339,40 +398,68 @@ def train(config, workdir: str, *, log=functools.partial(print, flush=True)) -> 
             writer.scalars(scalars, step)
             writer.flush()
         eta = (tcfg.steps - step) * tcfg.batch_size / max(rate, 1e-9)
+        note = f"  ({skipped} of {len(fetched)} steps skipped: non-finite)" if skipped else ""
         log(f"step {step}/{tcfg.steps}  loss {scalars['loss']:.4f}  {rate:.1f} img/s  "
-            f"ETA {_fmt_seconds(eta)}")
+            f"ETA {_fmt_seconds(eta)}{note}")
         pending.clear()
         t_window, n_window = time.perf_counter(), 0
 
     step = start
     batch = batches.next() if step < tcfg.steps else None
+    if step < tcfg.steps:
+        log(f"compiling the train step ({jax.device_count()} devices, mesh "
+            f"{dict(mesh.shape)}; minutes for a large model) ...")
     try:
         while step < tcfg.steps:
-            # Dispatched: runs while the host goes on.
+            # Dispatched: runs while the host goes on (the first call compiles, synchronously).
+            t_call = time.perf_counter()
             state, metrics = step_fn(state, batch, interval)
+            if step == start:
+                log(f"compiled in {time.perf_counter() - t_call:.1f} s; training")
             step += 1
             n_window += tcfg.batch_size
             pending.append((step, {k: metrics[k] for k in ("loss", "grad_norm", "finite",
                                                             "per_example_loss", "sigma")}))
             if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
                 flush_metrics(step)  # saved with the iterator before it reads the next batch
-                ckpt.save(step, state, iterator, config_json)
-                log(f"checkpoint {step} saving (blocked {ckpt.last_blocking_seconds:.3f} s)")
+                skipping = int(state.nonfinite_run)
+                if skipping:  # never let a poisoned state rotate a good checkpoint out
+                    log(f"checkpoint {step} not written: the last {skipping} update(s) were "
+                        "skipped as non-finite")
+                else:
+                    ckpt.save(step, state, iterator, config_json)
+                    log(f"checkpoint {step} saving (blocked {ckpt.last_blocking_seconds:.3f} s)")
             if step < tcfg.steps:
                 batch = batches.next()  # host input work overlaps the step in flight
+            ckpt.check()  # a background save that failed stops the run at once
             run_length = int(state.nonfinite_run)  # one scalar: cheap, and must not lag
             if run_length >= tcfg.max_nonfinite:
                 flush_metrics(step)
-                raise FloatingPointError(
-                    f"{run_length} consecutive steps had a non-finite loss or gradient (last at "
-                    f"step {step}); stopping. The last good checkpoint (step "
-                    f"{max(ckpt.steps(), default=0)}) is intact in {ckpt.directory}. Lower "
-                    "train.lr, enable train.grad_clip, or check the data.")
+                raise FloatingPointError(_nonfinite_message(run_length, step, ckpt, logged_loss))
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 flush_metrics(step)
     finally:
-        ckpt.close()
-        if writer is not None:
-            writer.close()
+        try:
+            ckpt.close()
+        finally:
+            if writer is not None:
+                writer.close()
     log(f"done: {step} steps in {_fmt_seconds(time.perf_counter() - t_start)}")
     return state
+
+
+def _nonfinite_message(run_length: int, step: int, ckpt: Checkpointer,
+                       logged_loss: dict[int, float]) -> str:
+    first = step - run_length + 1
+    kept = ckpt.steps()
+    if kept:
+        newest = kept[-1]
+        loss = logged_loss.get(newest)
+        where = (f"No checkpoint was written during them. The newest checkpoint, step {newest}"
+                 + (f" (loss {loss:.4g} at that step)" if loss is not None else "")
+                 + f", was written before they began; kept: steps {kept} in {ckpt.directory}")
+    else:
+        where = "No checkpoint was written: there is nothing to resume"
+    return (f"{run_length} consecutive steps had a non-finite loss or gradient (steps {first} to "
+            f"{step}); stopping. {where}. Lower train.lr (on resume: --config.train.lr=... "
+            "--change train.lr), enable train.grad_clip, or check the data.")
