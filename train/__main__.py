@@ -6,6 +6,7 @@ per-device memory and FLOPs per step (train/dry_run.py); exit status 0 if it fit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ediffi_jax.config import split_overrides
@@ -50,10 +51,20 @@ def main(argv=None) -> int:
             return dry_run(config, devices=args.devices, device_memory_gib=args.device_memory_gib)
         train(config, args.workdir, changes=args.change,
               restart_if_unreadable=args.restart_if_unreadable)
-    except (ConfigError, FloatingPointError, CheckpointSaveError) as e:
+    except CheckpointSaveError as e:
+        exit_after_failed_save(e)
+    except (ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def exit_after_failed_save(error: Exception) -> None:
+    """One clear message, then out: orbax's half-finished background writes would otherwise
+    print a traceback per pending task while the interpreter shuts down."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="the child run's workdir")
     p.add_argument("--node", help="L/I: the tree node E^L_I")
     p.add_argument("--complement-of", nargs="+", metavar="L/I")
-    from train.__main__ import add_resume_arguments
+    from train.__main__ import add_resume_arguments, exit_after_failed_save
 
     add_resume_arguments(p)
     args = p.parse_args(rest)
@@ -82,7 +82,9 @@ def main(argv=None) -> int:
         config.lock()
         train(config, args.workdir, changes=args.change,
               restart_if_unreadable=args.restart_if_unreadable)
-    except (ConfigError, ValueError, FloatingPointError, CheckpointSaveError) as e:
+    except CheckpointSaveError as e:
+        exit_after_failed_save(e)
+    except (ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -41,9 +42,24 @@ class CheckpointSaveError(OSError):
     """A save that did not complete (a full disk, a lost mount): training must stop."""
 
 
+class _WithoutTraceback(logging.Filter):
+    """orbax's background threads log one failed write with its traceback from each thread it
+    passes through (hundreds of lines for a full disk); the trainer reports it once, clearly.
+    Its error lines stay, without the tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" in record.pathname and record.levelno >= logging.ERROR:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE = _WithoutTraceback()
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                  create: bool = True):
+        logging.getLogger("absl").addFilter(_ONE_LINE)  # once: filters are a set
         # Absolute: orbax's array writer rejects relative paths, and only in its background thread.
         self.directory = os.path.abspath(directory)
         if not create and not os.path.isdir(self.directory):
@@ -58,37 +74,39 @@ class Checkpointer:
                 cleanup_tmp_directories=create),
         )
         self.last_blocking_seconds = 0.0
+        self._saving: int | None = None  # the step of the save in flight (or last started)
 
     def save(self, step: int, state: Any, data_iterator=None, config: dict | None = None) -> None:
         """Start saving `step`; returns once the device arrays are copied (the write continues
         in the background). `last_blocking_seconds` records how long training was blocked.
         A failure of an earlier save (or of this one's start) raises CheckpointSaveError."""
         self.check()
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(state),
+                 "checksums": ocp.args.JsonSave(checksums(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         t = time.perf_counter()
-        try:
+        try:  # waits for the previous save first: an error here may be that one's
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # orbax raises many types; the cause is what the user needs
-            raise self._save_error(step, e) from e
+            raise self._save_error(e) from e
+        self._saving = step
         self.last_blocking_seconds = time.perf_counter() - t
 
     def check(self) -> None:
-        """Raise CheckpointSaveError if a background save has failed (cheap: no waiting)."""
-        try:
-            self.manager.check_for_errors()
-        except Exception as e:
-            raise self._save_error(None, e) from e
+        """Raise CheckpointSaveError as soon as a background save has failed (no waiting: a
+        save still in progress is left alone)."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
-    def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    def _save_error(self, error: Exception) -> CheckpointSaveError:
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
-        which = f"of step {step} " if step is not None else ""
-        good = self.steps()
+        which = f"of step {self._saving} " if self._saving is not None else ""
+        good = [s for s in self.steps() if s != self._saving]
         return CheckpointSaveError(
             f"a checkpoint {which}could not be written to {self.directory} "
             f"({type(cause).__name__}: {str(cause)[:300]}); training stopped. The last complete "
@@ -118,6 +136,7 @@ class Checkpointer:
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
                 restored = self._read(s, "state", lambda: self.manager.restore(
                     s, args=ocp.args.Composite(**items)))
+                self._check_sums(s, restored["state"])
                 if verify is not None:
                     verify(s, {"state": restored["state"], "data": data_iterator})
             except CheckpointDamaged as e:
@@ -159,6 +178,19 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} holds a state of another shape "
                 f"than this config builds: {'; '.join(problems[:4])}{more}. Nothing was changed; "
                 "resume with the run's own config, or use a new workdir")
+
+    def _check_sums(self, step: int, state: Any) -> None:
+        """Orbax's array files carry no checksum: a flipped bit restores as a wrong value. The
+        sums saved beside them catch it (steps saved before they existed are taken as read)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+            return
+        saved = self._read(step, "checksums", lambda: self.manager.restore(
+            step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"])
+        bad = sorted(k for k, v in checksums(state).items() if saved.get(k) != v)
+        if bad or set(saved) != set(checksums(state)):
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise CheckpointDamaged(f"its arrays do not match their checksums: "
+                                    f"{', '.join(bad[:3]) or 'other leaves'}{more}")
 
     def _move_aside(self, step: int) -> str:
         target_dir = os.path.join(self.directory, "unreadable")
@@ -207,13 +239,41 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._save_error(None, e) from e
+            raise self._save_error(e) from e
+        self._saving = None
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """An array's bits as uint32 words (narrower dtypes widened, 64-bit ones truncated)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(
+        jnp.uint32)
+
+
+@jax.jit
+def _sums(leaves):
+    """Per array: the wrapping sum of its words and the sum weighted by 2i+1. A single flipped
+    bit changes both (the odd weights are invertible mod 2**32): cheap, not cryptographic."""
+    out = []
+    for x in leaves:
+        w = _words(x).ravel()
+        weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weights, dtype=jnp.uint32)]))
+    return out
+
+
+def checksums(tree) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of a state, computed where the arrays live."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_sums([x for _, x in flat]))
+    return {_path(p): [int(v) for v in np.asarray(s)] for (p, _), s in zip(flat, sums)}
 
 
 def _path(path) -> str:

@@ -74,6 +74,8 @@ def check_resume(saved: Mapping, requested: Mapping, changes: Iterable[str], whe
         if key not in new or old[key] == new[key]:
             continue
         line = f"{key}: saved {old[key]!r}, requested {new[key]!r}"
+        if key == "train.steps" and kind(key, old) == "changeable":
+            line += " (with train.lr_decay='cosine' the length sets every step's learning rate)"
         k = kind(key, old)
         if k == "fixed":
             fixed.append(line)
