@@ -140,12 +140,13 @@ def test_colour_map_inputs_and_their_errors(tmp_path, caplog):
         from_color_map(image, {"#ff0000": "red circle", "#0000ff": "blue square"}, 16, 24)
     with pytest.raises(PaintError, match="'#rrggbb' or 'r,g,b'"):
         from_color_map(image, {"red": "red circle"}, 16, 24)
-    # Mask files: resized to the canvas, with a warning when the aspect differs.
-    Image.fromarray(np.full((10, 40), 255, np.uint8)).save(tmp_path / "wide.png")
+    # Mask files: resized to the canvas, with a warning (another aspect ratio is an error:
+    # tests/test_faults_sampling.py).
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "big.png")
     with caplog.at_level(logging.WARNING):
-        [m] = from_mask_specs([f"red circle={tmp_path / 'wide.png'}:0.3"], 16, 16)
+        [m] = from_mask_specs([f"red circle={tmp_path / 'big.png'}:0.3"], 16, 16)
     assert m.strength == 0.3 and m.mask.shape == (16, 16) and m.mask.min() == 1.0
-    assert any("aspect ratio differs" in r.getMessage() for r in caplog.records)
+    assert any("is 40x40, resized to the output's 16x16" in r.getMessage() for r in caplog.records)
     with pytest.raises(PaintError, match="phrase=mask.png"):
         from_mask_specs(["red circle"], 16, 16)
     with pytest.raises(ValueError, match="paint weight must be one of"):

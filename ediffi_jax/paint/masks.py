@@ -6,15 +6,15 @@ Two ways to give phrase masks:
   "#000000": "background"}; every colour in the image must be mapped or declared "background";
 - a list of (phrase, mask PNG, strength): the mask is the image's brightness (or alpha), 0..1.
 
-Masks of another size than the canvas are resized to it (bilinear; a warning if the aspect
-ratio differs). Then every token of every occurrence of a phrase, in each token stream of the
-conditioning (T5 and CLIP tokenize differently), gets the phrase's mask x strength in its column
-of the context. A phrase that is not in the prompt is an error that shows the prompt's tokens.
+A mask of another size than the canvas is resized to it (bilinear, with a warning) if its aspect
+ratio is the canvas's; another aspect ratio is an error (stretching would move what it marks).
+Then every token of every occurrence of a phrase, in each token stream of the conditioning (T5
+and CLIP tokenize differently), gets the phrase's mask x strength in its column of the context.
+A phrase that is not in the prompt is an error that shows the prompt's tokens.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from typing import Mapping, Sequence
@@ -50,25 +50,35 @@ def _resize(mask: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
     if mask.shape == (height, width):
         return mask.astype(np.float32)
     h, w = mask.shape
-    if abs(h / w - height / width) > 1e-3:
-        log.warning("%s is %dx%d, the canvas %dx%d: its aspect ratio differs; stretched to fit",
-                    what, w, h, width, height)
+    if abs(h * width / w - height) >= 1:  # scaled to the canvas's width, off by a pixel or more
+        raise PaintError(f"{what} is {w}x{h} (width x height), the output {width}x{height}: "
+                         "its aspect ratio differs; give a mask of the output's shape")
+    log.warning("%s is %dx%d, resized to the output's %dx%d", what, w, h, width, height)
     from PIL import Image
 
     img = Image.fromarray(mask.astype(np.float32), mode="F")
     return np.asarray(img.resize((width, height), Image.BILINEAR), np.float32)
 
 
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise PaintError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise PaintError(f"{what} {path} is not a readable image: {e}") from None
+
+
 def read_mask(path: str, height: int, width: int) -> np.ndarray:
     """A mask PNG -> [height, width] in [0, 1]: its alpha if it has one, else its brightness."""
-    from PIL import Image
-
-    img = Image.open(path)
+    img = _open_image(path, "the mask")
     if img.mode in ("RGBA", "LA"):
         values = np.asarray(img.getchannel("A"), np.float32)
     else:
         values = np.asarray(img.convert("L"), np.float32)
-    return np.clip(_resize(values / 255.0, height, width, path), 0.0, 1.0)
+    return np.clip(_resize(values / 255.0, height, width, f"the mask {path}"), 0.0, 1.0)
 
 
 def parse_colour(key: str) -> tuple[int, int, int]:
@@ -102,10 +112,9 @@ def parse_phrase(value: str, where: str) -> tuple[str, float] | None:
 
 def from_color_map(image, mapping: Mapping[str, str], height: int, width: int) -> list[PhraseMask]:
     """Masks from a colour-map image (path or uint8 [H, W, 3]) and colour -> "phrase,strength"."""
-    from PIL import Image
-
+    what = f"the colour map {image}" if isinstance(image, str) else "the colour map"
     if isinstance(image, str):
-        pixels = np.asarray(Image.open(image).convert("RGB"))
+        pixels = np.asarray(_open_image(image, "the colour map").convert("RGB"))
     else:
         pixels = np.asarray(image)[..., :3]
     colours = {parse_colour(k): parse_phrase(v, f"colour {k}") for k, v in mapping.items()}
@@ -124,33 +133,48 @@ def from_color_map(image, mapping: Mapping[str, str], height: int, width: int) -
         exact = np.all(pixels == np.asarray(rgb, pixels.dtype), axis=-1).astype(np.float32)
         if not exact.any():
             log.warning("colour #%02x%02x%02x (%s) does not occur in the colour map", *rgb, entry[0])
-        out.append(PhraseMask(entry[0], _resize(exact, height, width, "the colour map"), entry[1]))
+        out.append(PhraseMask(entry[0], _resize(exact, height, width, what), entry[1]))
     return out
 
 
 def read_words(path: str) -> dict[str, str]:
-    with open(path) as f:
-        mapping = json.load(f)
+    from ediffi_jax.config import read_json
+
+    mapping = read_json(path, "the paint words file")
     if not isinstance(mapping, dict):
         raise PaintError(f"{path}: expected a JSON object mapping colours to 'phrase,strength'")
     return mapping
+
+
+def parse_mask_spec(spec: str) -> tuple[str, str, float]:
+    """'phrase=mask.png[:strength]' -> (phrase, path, strength). A ':' in the path itself is
+    read as part of it only when the whole text names an existing file."""
+    import math
+    import os
+
+    phrase, sep, rest = spec.partition("=")
+    if not sep or not phrase.strip() or not rest:
+        raise PaintError(f"--paint-mask {spec!r}: write it as 'phrase=mask.png[:strength]'")
+    rest = rest.strip()
+    path, colon, tail = rest.rpartition(":")
+    if not colon or os.path.isfile(rest):
+        return phrase.strip(), rest, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        raise PaintError(f"--paint-mask {spec!r}: the strength {tail!r} (after the last ':') "
+                         f"is not a number (nor is {rest!r} a file)") from None
+    if not math.isfinite(strength):
+        raise PaintError(f"--paint-mask {spec!r}: the strength must be finite, got {tail!r}")
+    return phrase.strip(), path, strength
 
 
 def from_mask_specs(specs: Sequence[str], height: int, width: int) -> list[PhraseMask]:
     """'phrase=mask.png' or 'phrase=mask.png:strength' -> masks."""
     out = []
     for spec in specs:
-        phrase, sep, rest = spec.partition("=")
-        if not sep or not phrase.strip() or not rest:
-            raise PaintError(f"--paint-mask {spec!r}: write it as 'phrase=mask.png[:strength]'")
-        path, strength = rest, 1.0
-        head, colon, tail = rest.rpartition(":")
-        if colon:
-            try:
-                path, strength = head, float(tail)
-            except ValueError:
-                path = rest
-        out.append(PhraseMask(phrase.strip(), read_mask(path, height, width), strength))
+        phrase, path, strength = parse_mask_spec(spec)
+        out.append(PhraseMask(phrase, read_mask(path, height, width), strength))
     return out
 
 
