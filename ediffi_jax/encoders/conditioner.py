@@ -101,7 +101,7 @@ BUCKET = 32  # text lengths are run at multiples of this (one compile per bucket
 class PretrainedEncoder:
     """T5 + CLIP text + CLIP vision, each optional, sized for one U-Net config."""
 
-    def __init__(self, cfg: EncodersConfig, model, mesh=None):
+    def __init__(self, cfg: EncodersConfig, model, mesh=None, vocabulary=None):
         from ediffi_jax.config import ConfigError
 
         self.model, self.mesh = model, mesh
@@ -112,7 +112,8 @@ class PretrainedEncoder:
         self.t5_tokenizer = load_tokenizer(cfg.t5) if cfg.t5 else None
         self.clip_tokenizer = clip_tokenizer(cfg.clip_text) if cfg.clip_text else None
         # No text encoder at all (a CLIP image tower alone): the word vectors give the text.
-        self.words = None if (cfg.t5 or cfg.clip_text) else WordEncoder.for_model(model)
+        self.words = (None if (cfg.t5 or cfg.clip_text)
+                      else WordEncoder.for_model(model, vocabulary))
         checks = []
         if self.t5:
             checks.append(("model.t5_dim", model.t5_dim, "encoders.t5 d_model", self.t5.config.d_model))
@@ -173,6 +174,12 @@ class PretrainedEncoder:
             parts["clip_image"] = self.encode_images(images)
         return out.replace(**parts)
 
+    def check_words(self, captions: Sequence[str]) -> None:
+        """The word encoder's warnings where it gives the text (the tokenizers warn about cut
+        prompts as they encode)."""
+        if self.words is not None:
+            self.words.check_words(captions)
+
     def token_streams(self, prompt: str):
         """The prompt's tokens in each present stream, with their context offsets (T5 tokens
         first, then CLIP's), as `encode` feeds them (paint-with-words maps phrases onto them)."""
@@ -211,9 +218,10 @@ class PretrainedEncoder:
         return np.asarray(projected, np.float32)
 
 
-def make_conditioner(cfg: EncodersConfig, model, mesh=None):
+def make_conditioner(cfg: EncodersConfig, model, mesh=None, vocabulary=None):
     """The conditioning source a run uses: its pretrained encoders, else the word embeddings
-    (which also stand in for the text when only a CLIP image tower is configured)."""
+    (which also stand in for the text when only a CLIP image tower is configured; given the
+    training captions' `vocabulary`, their `check_words` names words outside it)."""
     if cfg.pretrained:
-        return PretrainedEncoder(cfg, model, mesh)
-    return WordEncoder.for_model(model)
+        return PretrainedEncoder(cfg, model, mesh, vocabulary)
+    return WordEncoder.for_model(model, vocabulary)
