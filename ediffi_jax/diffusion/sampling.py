@@ -24,9 +24,16 @@ class SamplerState(NamedTuple):
     prev_denoised: jax.Array  # DPM-Solver++(2M)'s history; zeros for the other samplers
 
 
+def check_seed(seed: int, what: str = "seed") -> int:
+    """Seeds are 32-bit: jax would silently alias a negative or larger one to another seed."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{what} must be in [0, 2**32 - 1], got {seed}")
+    return seed
+
+
 def example_keys(seed: int | jax.Array, example_indices) -> jax.Array:
     """One key per example: fold_in(seed key, global example index)."""
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    key = jax.random.key(check_seed(seed)) if isinstance(seed, int) else seed
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(example_indices, jnp.uint32))
 
 
@@ -83,12 +90,27 @@ class PlanRunner:
 
     `trace_count` counts traces of the segment loop (each trace is a compile), so benchmarks and
     tests can check that experts of one architecture share one compiled function.
+
+    `progress(step, num_steps)`, off by default so the compiled loops stay the benchmarked ones,
+    is called on the host as each step of a plan runs (a `jax.debug.callback` in the loop body,
+    which reads only the step index, so no sampled value changes): once per step, even where
+    the callback fires on several devices of a sharded batch. One `run` at a time per runner.
     """
 
-    def __init__(self, denoise_fn: DenoiseFn):
+    def __init__(self, denoise_fn: DenoiseFn,
+                 progress: Callable[[int, int], None] | None = None):
         self.denoise_fn = denoise_fn
+        self.progress = progress
         self.trace_count = 0
         self._loops: dict[SegmentSettings, Callable] = {}
+        self._steps_seen: set[int] = set()
+        self._num_steps = 0
+
+    def _step_started(self, i) -> None:
+        i = int(i)
+        if i not in self._steps_seen:
+            self._steps_seen.add(i)
+            self.progress(i, self._num_steps)
 
     def _segment_loop(
         self, params_first, params_second, state, sigmas, gammas, s_noise, start, stop, scale,
@@ -109,7 +131,11 @@ class PlanRunner:
                 base_fn=base_fn, cond_text=cond_text, style_scale=style_scale,
             )
 
-        body = lambda i, st: _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)  # noqa: E731
+        def body(i, st):
+            if self.progress is not None:
+                jax.debug.callback(self._step_started, i)
+            return _step(settings, denoise, st, i, sigmas, gammas, s_noise, keys)
+
         return jax.lax.fori_loop(start, stop, body, state)
 
     def loop(self, settings: SegmentSettings) -> Callable:
@@ -134,6 +160,7 @@ class PlanRunner:
         if cond_text is None and any(s.settings.style_cfg for s in plan.segments):
             raise ValueError("the plan guides style separately: give cond_text (cond without "
                              "the style embedding)")
+        self._steps_seen, self._num_steps = set(), plan.num_steps
         sigmas = jnp.asarray(plan.sigmas, jnp.float32)
         gammas = jnp.asarray(plan.gammas, jnp.float32)
         # A fresh buffer: the loops donate their state, the caller keeps x.

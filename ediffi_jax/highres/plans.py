@@ -27,6 +27,7 @@ import numpy as np
 from ediffi_jax.models.layers import ConvSetting
 
 METHODS = ("none", "scalecrafter")
+MIN_FACTOR = 1.25  # the least side factor the preset re-dilates for (below: direct sampling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +120,8 @@ def preset(levels: Mapping[str, int], factor: float, *, sigma_tau: float | None 
     measured best on the project's U-Net (BENCHMARKS.md), where the official SD configs also
     taper the inner factors towards the decoder and schedule them progressively. NDCFG's milder
     plan halves the factor at the outermost re-dilated level (at 4x side: the decoder's outermost
-    level drops out, as in the official NDCFG sets). None below factor 1.25 (direct sampling)."""
-    if factor < 1.25:
+    level drops out, as in the official NDCFG sets). None below MIN_FACTOR (direct sampling)."""
+    if factor < MIN_FACTOR:
         return None
     num_levels = max(levels.values()) + 1
     if num_levels < 2:
@@ -169,11 +170,22 @@ class HighResConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"highres.method must be one of {METHODS}, got {self.method!r}")
+        for name in ("sigma_tau", "disperse_sigma", "ndcfg_sigma"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and 0 <= value < math.inf):
+                raise ValueError(f"highres.{name} must be a noise level sigma >= 0 (0: every "
+                                 f"step), got {value!r}")
 
     def plan(self, levels: Mapping[str, int], factor: float) -> HighResPlan | None:
-        """The plan for a U-Net at `factor` x its training side (None: direct sampling)."""
+        """The plan for a U-Net at `factor` x its training side (None: direct sampling). The
+        preset at a factor it cannot express (other than 1) is an error, not direct sampling."""
         if self.method == "none":
             return None
+        if not self.dilation and factor != 1 and factor < MIN_FACTOR:
+            raise ValueError(f"ScaleCrafter re-dilates for output sides of at least "
+                             f"{MIN_FACTOR:g}x the native one, not {factor:.4g}x: sample this "
+                             "size directly (highres.method='none') or give highres.dilation")
         if self.dilation:
             disperse = tuple(p for p, pf in self.dilation.items() if self.disperse and pf >= 2)
             mild = dict(self.ndcfg_dilation) if self.ndcfg_dilation else None
