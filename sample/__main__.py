@@ -5,12 +5,15 @@
 python -m sample --cascade cascade.json [--stages base,sr32,sr64] --prompt ... 
        [--config.sr32.sampling.num_steps=12 --config.sr64.sampling.noise_aug_sigma=0.02 ...]
 
-Writes one PNG per sample and grid.png (a row per prompt); a cascade writes each stage's images
-to OUT/<stage>/. --ensemble takes an ensemble.json, a single run's workdir or an export;
---cascade a file listing the stages (see sample/cascade.py), --stages picks a chain of them.
+Writes one PNG per sample, named by its index and prompt (letters, digits and '-' kept), and
+grid.png (a row per prompt); a cascade writes each stage's images to OUT/<stage>/. If sampling
+fails part-way, what finished stays written (with a grid of it) and the command exits 1.
+--ensemble takes an ensemble.json, a single run's workdir or an export; --cascade a file
+listing the stages (see sample/cascade.py), --stages picks a chain of them.
 Overrides `--config.<stage>.section.key=value` go to one stage, `--config.section.key=value`
 to every stage. Prompts are sampled --batch at a time, sharded over every device; each batch's
-PNGs are written as it finishes.
+PNGs are written as each stage finishes. Progress (sampler steps, all batches and stages) goes
+to stderr.
 
 --resolution sets the last stage's output side: directly (--highres none) or with
 ScaleCrafter's re-dilation (--highres scalecrafter; the `highres` section's fields tune it, see
@@ -24,7 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import traceback
+
+import numpy as np
 
 from ediffi_jax.config import split_overrides
 from ediffi_jax.parallel.host import configure_cpu_host
@@ -60,15 +67,22 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     configure_cpu_host()
 
-    import numpy as np
     from PIL import Image
 
     from ediffi_jax.config import ConfigError
+    from ediffi_jax.diffusion.sampling import check_seed
     from ediffi_jax.parallel.mesh import make_mesh
     from sample.cascade import CascadeSampler, load_stage, read_cascade
-    from sample.generate import grid, mask_overlay, sampling_plan
+    from sample.generate import StepProgress, mask_overlay, sampling_plan
 
     try:
+        if args.num < 1 or args.batch < 0:
+            raise ConfigError(f"--num must be >= 1 and --batch >= 0, got --num {args.num} and "
+                              f"--batch {args.batch}")
+        check_seed(args.seed, "--seed")
+        if args.resolution is not None and args.resolution < 1:
+            raise ConfigError(f"--resolution must be a positive side in pixels, got "
+                              f"{args.resolution}")
         if args.highres:
             overrides.append(f"--config.highres.method={args.highres}")
         overrides = [o.replace("--config.", "", 1) for o in overrides]
@@ -82,31 +96,39 @@ def main(argv=None) -> int:
         final = stages[-1]
         model = final.run.stage.model
         resolution = args.resolution or final.resolution
-        if resolution % 2 ** (len(model.channel_mult) - 1):
+        multiple = 2 ** (len(model.channel_mult) - 1)
+        if resolution % multiple:
             raise ConfigError(f"--resolution {resolution} cannot be halved "
-                              f"{len(model.channel_mult) - 1} times by this U-Net")
-        if args.batch < 0 or args.num < 1:
-            raise ConfigError("--num must be >= 1 and --batch >= 0")
+                              f"{len(model.channel_mult) - 1} time(s) by this U-Net: the side "
+                              f"must be a multiple of {multiple}")
         prompts = [q for q in args.prompt for _ in range(args.num)]
+        batch = args.batch or len(prompts)
+        batches = range(0, len(prompts), batch)
         paint = read_paint(args, resolution)
-        mesh = make_mesh((-1, 1, 1))
-        sampler = CascadeSampler(stages, mesh)
+        plans = []
+        for stage in stages:
+            last = stage is final
+            painted = paint is not None and stage.paint
+            try:
+                plans.append(sampling_plan(stage.run.stage.model, stage.ensemble, stage.sampling,
+                                           resolution if last else stage.resolution,
+                                           stage.highres, paint.settings if painted else None,
+                                           stage.resolution))
+            except ValueError as e:
+                raise ConfigError(f"--resolution {resolution} ({stage.name!r} makes "
+                                  f"{stage.resolution}): {e}" if last else str(e)) from None
+        progress = StepProgress(sum(p.num_steps for p in plans) * len(batches))
+        sampler = CascadeSampler(stages, make_mesh((-1, 1, 1)), progress=progress)
         style = None
         if args.style_image:
             style = np.asarray(Image.open(args.style_image).convert("RGB"))
-        plans = []
-        for k, stage in enumerate(stages):  # every input checked before any sampling
+        for stage in stages:  # every input checked before any sampling
             conditioner = sampler.conditioner(stage)[1]
-            painted = paint is not None and stage.paint
-            if painted:
+            if paint is not None and stage.paint:
                 paint.conditioning(conditioner, stage.run.stage.model, args.prompt)
             if style is not None and stage.style and conditioner.clip_vision is None:
                 raise ConfigError(f"--style-image needs a CLIP vision tower: stage {stage.name!r}"
                                   "'s encoders.clip_vision is not set")
-            res = resolution if k == len(stages) - 1 else stage.resolution
-            plans.append(sampling_plan(stage.run.stage.model, stage.ensemble, stage.sampling, res,
-                                       stage.highres, paint.settings if painted else None,
-                                       stage.resolution))
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -115,26 +137,56 @@ def main(argv=None) -> int:
     dirs = [args.out if len(stages) == 1 else os.path.join(args.out, s.name) for s in stages]
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-    batch = args.batch or len(prompts)
-    images = [[] for _ in stages]
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        outputs = sampler(chunk, seed=args.seed, first_index=start, paint=paint,
-                          style_images=[style] * len(chunk) if style is not None else None,
-                          resolution=resolution)
-        for k, (d, out) in enumerate(zip(dirs, outputs)):
-            images[k].append(out)
-            for i, (prompt, img) in enumerate(zip(chunk, out), start):
-                name = f"{i:04d}_{'_'.join(prompt.split())[:60]}"
-                Image.fromarray(img).save(os.path.join(d, name + ".png"))
-                if paint is not None and stages[k].paint:
-                    Image.fromarray(mask_overlay(img, paint.masks_at(img.shape[0]))).save(
-                        os.path.join(d, name + "_masks.png"))
-        print(f"wrote samples {start}-{start + len(chunk) - 1}", flush=True)
-    for d, parts in zip(dirs, images):
-        Image.fromarray(grid(np.concatenate(parts), args.num)).save(os.path.join(d, "grid.png"))
-    print(f"wrote {len(prompts)} samples per stage and grid.png to {', '.join(dirs)}")
+    images = [[] for _ in stages]  # per stage, its finished batches
+    try:
+        for start in batches:
+            chunk = prompts[start:start + batch]
+            outputs = sampler.each_stage(
+                chunk, seed=args.seed, first_index=start, paint=paint,
+                style_images=[style] * len(chunk) if style is not None else None,
+                resolution=resolution)
+            for k, (d, out) in enumerate(zip(dirs, outputs)):  # each stage saved as it ends
+                for i, (prompt, img) in enumerate(zip(chunk, out), start):
+                    name = f"{i:04d}_{file_stem(prompt)}"
+                    Image.fromarray(img).save(os.path.join(d, name + ".png"))
+                    if paint is not None and stages[k].paint:
+                        Image.fromarray(mask_overlay(img, paint.masks_at(img.shape[0]))).save(
+                            os.path.join(d, name + "_masks.png"))
+                images[k].append(out)
+            print(f"wrote samples {start}-{start + len(chunk) - 1}", flush=True)
+    except (Exception, KeyboardInterrupt) as e:
+        progress.close()
+        traceback.print_exc()
+        print(f"error: sampling failed ({type(e).__name__}: {e}); kept what was finished: "
+              f"{write_grids(dirs, images, args.num)}", file=sys.stderr)
+        return 1
+    print(f"wrote {write_grids(dirs, images, args.num)}")
     return 0
+
+
+def file_stem(prompt: str, limit: int = 60) -> str:
+    """A prompt as a file name: letters, digits and '-' kept, every other run one '_', at most
+    `limit` characters, never empty (so no '/', '..' or hidden file)."""
+    stem = re.sub(r"[^A-Za-z0-9-]+", "_", prompt)[:limit].strip("_")
+    return stem or "prompt"
+
+
+def write_grids(dirs, images, columns: int) -> str:
+    """grid.png of each stage's finished samples (a row per prompt); says what each folder
+    holds."""
+    from PIL import Image
+
+    from sample.generate import grid
+
+    said = []
+    for d, parts in zip(dirs, images):
+        n = sum(len(p) for p in parts)
+        if not n:
+            said.append(f"no samples in {d}")
+            continue
+        Image.fromarray(grid(np.concatenate(parts), columns)).save(os.path.join(d, "grid.png"))
+        said.append(f"samples 0-{n - 1} and grid.png in {d}")
+    return "; ".join(said)
 
 
 def read_paint(args, resolution: int):
@@ -145,6 +197,8 @@ def read_paint(args, resolution: int):
 
     if bool(args.paint) != bool(args.paint_words):
         raise PaintError("--paint (a colour map) and --paint-words (its JSON) go together")
+    if not np.isfinite(args.paint_scale):
+        raise PaintError(f"--paint-scale must be a finite number, got {args.paint_scale}")
     masks = []
     if args.paint:
         masks += from_color_map(args.paint, read_words(args.paint_words), resolution, resolution)

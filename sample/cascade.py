@@ -18,7 +18,6 @@ its size and noise-augmented to its `sampling.noise_aug_sigma`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
@@ -26,16 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediffi_jax.config import ConfigError
+from ediffi_jax.config import ConfigError, read_json
 from ediffi_jax.diffusion import lowres
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
-from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from sample.generate import (denoise_batch, expert_workdirs, load_ensemble, run_config,
-                             sample_settings, to_uint8)
+                             sample_settings, sampling_conditioner, to_uint8,
+                             training_vocabulary)
 from train.trainer import RunSpec, image_resolution, parse_run
 
 STAGE_KEYS = ("ensemble", "sampling", "paint", "style")
@@ -106,11 +105,7 @@ def split_stage_overrides(overrides: Sequence[str], names: Sequence[str]) -> dic
 def read_cascade(path: str, names: Sequence[str] | None = None,
                  overrides: Sequence[str] = ()) -> tuple[Stage, ...]:
     """The stages of a cascade file (all, or those `names` in file order), checked to chain."""
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read the cascade file {path}: {e}") from e
+    spec = read_json(path, "the cascade file")
     entries = spec.get("stages") if isinstance(spec, dict) else None
     if not entries or not all(isinstance(e, dict) and "ensemble" in e for e in entries):
         raise ConfigError(f'{path}: expected {{"stages": [{{"ensemble": PATH, ...}}, ...]}}')
@@ -149,9 +144,11 @@ def read_cascade(path: str, names: Sequence[str] | None = None,
 
 class CascadeSampler:
     """Samples prompts through every stage, the batch sharded over all devices' data axis.
-    `from_images`: the first stage is an SR stage fed given images (`run_stage`'s previous)."""
+    `from_images`: the first stage is an SR stage fed given images (`run_stage`'s previous).
+    `progress(step, num_steps)` hears of every sampler step of every stage (PlanRunner's)."""
 
-    def __init__(self, stages: Sequence[Stage], mesh=None, from_images: bool = False):
+    def __init__(self, stages: Sequence[Stage], mesh=None, from_images: bool = False,
+                 progress=None):
         check_chain(stages, from_images)
         if mesh is not None:  # params replicated beside the sharded batch
             from ediffi_jax.parallel.mesh import replicated
@@ -161,16 +158,18 @@ class CascadeSampler:
                 for s in stages]
         self.stages = tuple(stages)
         self.mesh = mesh
-        self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model))) for s in stages]
+        self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model)), progress)
+                        for s in stages]
         self._conditioners: dict = {}
 
     def conditioner(self, stage: Stage):
-        """One conditioner (and one encoding per batch) per distinct encoders + token layout."""
+        """One conditioner (and one encoding per batch) per distinct encoders + token layout
+        (+ training vocabulary, which only the word encoder's warnings read)."""
         m = stage.run.stage.model
         key = (stage.run.encoders, m.t5_length, m.t5_dim, m.clip_length, m.clip_dim,
-               m.clip_pooled_dim, m.clip_image_dim)
+               m.clip_pooled_dim, m.clip_image_dim, training_vocabulary(stage.run))
         if key not in self._conditioners:
-            self._conditioners[key] = (key, make_conditioner(stage.run.encoders, m))
+            self._conditioners[key] = (key, sampling_conditioner(stage.run))
         return self._conditioners[key]
 
     @property
@@ -187,24 +186,28 @@ class CascadeSampler:
             return jax.tree.map(jnp.asarray, tree)
         return jax.tree.map(lambda x: jax.device_put(x, self._sharding(np.ndim(x))), tree)
 
-    def __call__(self, prompts: Sequence[str], *, seed: int = 0, first_index: int = 0,
-                 paint=None, style_images=None, resolution: int | None = None) -> list[np.ndarray]:
-        """uint8 images [N, H, W, 3] of every stage, in order. `resolution` sets the last
-        stage's output side (ScaleCrafter past its native size, by its highres settings)."""
+    def __call__(self, prompts: Sequence[str], **kw) -> list[np.ndarray]:
+        """uint8 images [N, H, W, 3] of every stage, in order (`each_stage`'s arguments)."""
+        return list(self.each_stage(prompts, **kw))
+
+    def each_stage(self, prompts: Sequence[str], *, seed: int = 0, first_index: int = 0,
+                   paint=None, style_images=None, resolution: int | None = None):
+        """Yields each stage's uint8 images [N, H, W, 3] as it finishes (a later stage's failure
+        leaves the earlier ones usable). `resolution` sets the last stage's output side
+        (ScaleCrafter past its native size, by its highres settings)."""
         n = len(prompts)
         pad = -n % self.batch_multiple  # repeat the last prompt to fill every device
         prompts = list(prompts) + [prompts[-1]] * pad
         if style_images is not None:
             style_images = list(style_images) + [style_images[-1]] * pad
         encoded: dict = {}
-        outputs, previous = [], None
+        previous = None
         for k in range(len(self.stages)):
             last = k == len(self.stages) - 1
             previous = self.run_stage(k, prompts, previous, seed=seed, first_index=first_index,
                                       paint=paint, style_images=style_images,
                                       resolution=resolution if last else None, encoded=encoded)
-            outputs.append(to_uint8(gather(previous))[:n])
-        return outputs
+            yield to_uint8(gather(previous))[:n]
 
     def run_stage(self, k: int, prompts: Sequence[str], previous=None, *, seed: int = 0,
                   first_index: int = 0, paint=None, style_images=None,
@@ -217,6 +220,7 @@ class CascadeSampler:
         key, conditioner = self.conditioner(stage)
         encoded = {} if encoded is None else encoded
         if key not in encoded:
+            conditioner.check_words(prompts)
             encoded[key] = conditioner.encode(list(prompts), style_images)
         cond = encoded[key]
         if not stage.style:

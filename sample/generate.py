@@ -229,7 +229,7 @@ class StepProgress:
         self.total, self.what, self.done = max(1, total), what, 0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.start = self.shown = time.perf_counter()
+        self.start, self.shown = time.perf_counter(), -float("inf")
         self.pending = False  # a terminal line without its newline
 
     def __call__(self, step: int, num_steps: int) -> None:

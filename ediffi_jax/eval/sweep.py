@@ -35,16 +35,26 @@ HELD_OUT_SEED_OFFSET = 1000  # the held-out shapes split: training's seed + 1000
 
 # ----------------------------------------------------------------------------- data
 
+def shapes_config(run):
+    """The run's built-in shapes data (its data.shapes section); a run trained on other data
+    is an error (its captions are not shapes captions)."""
+    from ediffi_jax.config import ConfigError, section, to_dict
+    from ediffi_jax.data.shapes import ShapesConfig
+
+    if run.data.name != "shapes":
+        raise ConfigError(f"the run was trained on data.name={run.data.name!r}, not the "
+                          "built-in shapes")
+    return section(ShapesConfig, dict(to_dict(run.data.shapes) or {}), "data.shapes")
+
+
 def held_out_shapes(run):
     """The shapes source of the held-out split (the run's data.shapes at the model's
     resolution, its seed + 1000): what sample.evaluate grades and the sweep prompts with."""
-    from ediffi_jax.config import section, to_dict
-    from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
+    from ediffi_jax.data.shapes import ShapesSource
 
-    fields = dict(to_dict(run.data.shapes) or {})
-    fields.update(resolution=run.stage.model.resolution,
-                  seed=int(fields.get("seed", 0)) + HELD_OUT_SEED_OFFSET)
-    return ShapesSource(section(ShapesConfig, fields, "data.shapes"))
+    train = shapes_config(run)
+    return ShapesSource(dataclasses.replace(train, resolution=run.stage.model.resolution,
+                                            seed=train.seed + HELD_OUT_SEED_OFFSET))
 
 
 def _rgb(image) -> np.ndarray:
@@ -107,14 +117,16 @@ def sample_images(run, ensemble, captions: Sequence[str], *, seed: int = 0, samp
     One runner and conditioner (made here unless given) serve every batch, and the last batch
     is padded with examples past N, discarded, so one compile serves all."""
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import generate
+    from sample.generate import generate, sampling_conditioner
 
     runner = runner or PlanRunner(unet_denoise_fn(UNet(run.stage.model)))
-    conditioner = conditioner or make_conditioner(run.encoders, run.stage.model)
+    conditioner = conditioner or sampling_conditioner(run)
     captions, out = list(captions), []
+    if not captions or batch < 1:
+        raise ValueError(f"sample_images needs captions and a batch >= 1, got {len(captions)} "
+                         f"captions and batch {batch}")
     batch = min(batch, len(captions))
     for i in range(0, len(captions), batch):
         chunk = captions[i:i + batch]
@@ -142,14 +154,14 @@ def run_sweep(run, ensemble, scales: Sequence[float], captions: Sequence[str], r
     per scale, in order, with `guidance_scale`, the `measure` fields and `seconds`; images:
     {scale: uint8 [N, H, W, 3]})."""
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from sample.generate import sampling_conditioner
 
     sampling = sampling or run.stage.sampling
     # One runner and conditioner for every scale: the scale is data, so its loops compile once.
     runner = PlanRunner(unet_denoise_fn(UNet(run.stage.model)))
-    conditioner = make_conditioner(run.encoders, run.stage.model)
+    conditioner = sampling_conditioner(run)
     points, images, start = [], {}, time.perf_counter()
     for k, scale in enumerate(scales):
         t = time.perf_counter()
@@ -281,6 +293,9 @@ def main(argv=None, *, features: Features | None = None) -> int:
 
     configure_cpu_host()
     try:
+        from ediffi_jax.diffusion.sampling import check_seed
+
+        check_seed(args.seed, "--seed")
         scales = parse_scales(args.scales)
         if args.num < 2:
             raise ValueError(f"--num must be at least 2 (FID needs a covariance), got {args.num}")
