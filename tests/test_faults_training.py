@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 
 from ediffi_jax.config import ConfigError, load_config
-from tests.test_resume import OVERRIDES, ROOT, environment
+from tests.test_resume import OVERRIDES, ROOT
 from train.checkpoint import Checkpointer
 from train.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from train.trainer import run_schema, train
 
 BASE = [o for o in OVERRIDES if not o.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]
+# A constant rate: the run's length is then not part of the compiled step, so runs of other
+# lengths reuse it from the persistent compilation cache.
 BASE += ["--config.train.steps=4", "--config.train.checkpoint_every=2",
-         "--config.train.keep_checkpoints=3"]
+         "--config.train.keep_checkpoints=3", "--config.train.lr_decay=constant"]
 
 
 def config(*extra):
@@ -80,12 +82,14 @@ def test_another_interval_in_an_experts_workdir_is_an_error(run):
 def test_a_changed_lr_needs_change_and_is_then_logged_and_saved(run):
     before = snapshot(run)
     want = config("--config.train.lr=0.0005", "--config.train.steps=6")
-    with pytest.raises(ConfigError, match=r"--change train\.lr --change train\.steps"):
+    with pytest.raises(ConfigError, match=r"train\.lr: saved 0\.001, requested 0\.0005\. If the "
+                       r"change is meant, add --change train\.lr\. Nothing was changed"):
         train(want, str(run), log=lambda *_: None)
     assert snapshot(run) == before
     lines = []
-    train(want, str(run), changes=["train.lr", "train.steps"], log=lines.append)
+    train(want, str(run), changes=["train.lr"], log=lines.append)
     assert "resume: changed train.lr: saved 0.001, requested 0.0005" in lines
+    assert "resume: changed train.steps: saved 4, requested 6" in lines  # free: logged only
     assert "resumed tiny from step 4" in " ".join(lines)
     ckpt = Checkpointer(str(run / "checkpoints"), create=False)
     assert ckpt.steps()[-1] == 6 and ckpt.restore_config(6)["train"]["lr"] == 0.0005
@@ -130,9 +134,9 @@ def test_an_impossible_iterator_state_is_set_aside(run):
 
 def test_nonfinite_steps_never_write_or_rotate_out_checkpoints(run):
     good = snapshot(run / "checkpoints")
-    poisoned = config("--config.train.lr=1e9", "--config.train.steps=40", "--config.train.max_nonfinite=4")
+    poisoned = config("--config.train.lr=1e9", "--config.train.steps=40", "--config.train.max_nonfinite=3")
     with pytest.raises(FloatingPointError) as e:
-        train(poisoned, str(run), changes=["train.lr", "train.steps"],
+        train(poisoned, str(run), changes=["train.lr"],
               log=lambda *_: None)
     ckpt = Checkpointer(str(run / "checkpoints"), create=False)
     steps = ckpt.steps()
@@ -146,7 +150,7 @@ def test_nonfinite_steps_never_write_or_rotate_out_checkpoints(run):
         assert snapshot(run / "checkpoints") == good
     # A sane resume from there is not stopped at once by a restored counter.
     lines = []
-    train(config("--config.train.steps=8"), str(run), changes=["train.lr", "train.steps"], log=lines.append)
+    train(config("--config.train.steps=8"), str(run), changes=["train.lr"], log=lines.append)
     assert f"resumed tiny from step {steps[-1]}" in " ".join(lines) and lines[-1].startswith("done")
 
 
@@ -154,8 +158,7 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(run):
     before = snapshot(run / "checkpoints")
     with WorkdirLock(str(run)):
         with pytest.raises(WorkdirBusy, match=rf"in use by another trainer \(pid {os.getpid()} on "):
-            train(config("--config.train.steps=6"), str(run), changes=["train.steps"],
-                  log=lambda *_: None)
+            train(config("--config.train.steps=6"), str(run), log=lambda *_: None)
     assert snapshot(run / "checkpoints") == before
 
 
@@ -182,9 +185,10 @@ def test_a_failed_save_stops_the_run_with_one_message(run):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     cmd = [sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir", str(run),
-           "--change", "train.steps"] + BASE + ["--config.train.steps=40"]
+           ] + BASE + ["--config.train.steps=40"]
+    # The session's compilation cache (tests/conftest.py) holds the step already: no compile.
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=environment(run.parent / "jax-cache"), preexec_fn=limited)
+                         preexec_fn=limited)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: a checkpoint of step 6 could not be written")
@@ -195,7 +199,7 @@ def test_a_failed_save_stops_the_run_with_one_message(run):
     # The good checkpoints are intact (byte for byte) and restore.
     assert {k: v for k, v in snapshot(run / "checkpoints").items() if k in good} == good
     lines = []
-    train(config("--config.train.steps=6"), str(run), changes=["train.steps"], log=lines.append)
+    train(config("--config.train.steps=6"), str(run), log=lines.append)
     assert "resumed tiny from step 4" in " ".join(lines)
 
 
@@ -279,3 +283,20 @@ def test_logs_are_truncated_to_the_restored_step(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert [json.loads(x)["step"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_with_a_cosine_decay_the_length_needs_change():
+    """The length sets a cosine schedule's rate at every step; a constant rate's it does not."""
+    from train.resume import check_resume
+
+    saved = {"train": {"steps": 4, "lr_decay": "cosine"}}
+    with pytest.raises(ConfigError, match=r"train\.steps: saved 4, requested 8 \(with "
+                       r"train\.lr_decay='cosine'.*add --change train\.steps"):
+        check_resume(saved, {"train": {"steps": 8, "lr_decay": "cosine"}}, (), "run")
+    lines = []
+    check_resume(saved, {"train": {"steps": 8, "lr_decay": "cosine"}}, ("train.steps",), "run", lines.append)
+    check_resume({"train": {"steps": 4, "lr_decay": "constant"}},
+                 {"train": {"steps": 8, "lr_decay": "constant"}}, (), "run", lines.append)
+    assert lines == ["resume: changed train.steps: saved 4, requested 8 (with train.lr_decay='cosine' "
+                     "the length sets every step's learning rate)",
+                     "resume: changed train.steps: saved 4, requested 8"]
