@@ -79,25 +79,42 @@ def test_another_interval_in_an_experts_workdir_is_an_error(run):
     assert snapshot(run) == before
 
 
-def test_a_changed_lr_needs_change_and_is_then_logged_and_saved(run):
+def test_a_changed_setting_needs_change_and_is_then_logged_and_saved(run):
+    """The flow end to end on a setting that does not recompile the step (sampling.*); the
+    lr's wording is checked on check_resume itself below."""
     before = snapshot(run)
-    want = config("--config.train.lr=0.0005", "--config.train.steps=6")
-    with pytest.raises(ConfigError, match=r"train\.lr: saved 0\.001, requested 0\.0005\. If the "
-                       r"change is meant, add --change train\.lr\. Nothing was changed"):
+    want = config("--config.sampling.guidance_scale=5.0", "--config.train.steps=6")
+    with pytest.raises(ConfigError, match=r"sampling\.guidance_scale: saved 3\.0, requested 5\.0\. "
+                       r"If the change is meant, add --change sampling\.guidance_scale\. Nothing"):
         train(want, str(run), log=lambda *_: None)
     assert snapshot(run) == before
     lines = []
-    train(want, str(run), changes=["train.lr"], log=lines.append)
-    assert "resume: changed train.lr: saved 0.001, requested 0.0005" in lines
+    train(want, str(run), changes=["sampling"], log=lines.append)
+    assert "resume: changed sampling.guidance_scale: saved 3.0, requested 5.0" in lines
     assert "resume: changed train.steps: saved 4, requested 6" in lines  # free: logged only
     assert "resumed tiny from step 4" in " ".join(lines)
+    assert any(line.startswith("compiling the train step") for line in lines)
     ckpt = Checkpointer(str(run / "checkpoints"), create=False)
-    assert ckpt.steps()[-1] == 6 and ckpt.restore_config(6)["train"]["lr"] == 0.0005
+    assert ckpt.steps()[-1] == 6 and ckpt.restore_config(6)["sampling"]["guidance_scale"] == 5.0
     ckpt.close()
     with pytest.raises(ConfigError, match="identifies the run"):
         train(want, str(run), changes=["train.seed"], log=lambda *_: None)
     with pytest.raises(ConfigError, match="no such config key"):
         train(want, str(run), changes=["train.lrr"], log=lambda *_: None)
+
+
+def test_a_changed_lr_is_an_error_unless_named():
+    from train.resume import check_resume
+
+    saved = {"train": {"lr": 0.001, "seed": 0}, "model": {"channels": 8}}
+    with pytest.raises(ConfigError, match=r"train\.lr: saved 0\.001, requested 0\.0005\. If the "
+                       r"change is meant, add --change train\.lr\. Nothing was changed"):
+        check_resume(saved, {**saved, "train": {"lr": 0.0005, "seed": 0}}, (), "run")
+    lines = []
+    check_resume(saved, {**saved, "train": {"lr": 0.0005, "seed": 0}}, ("train.lr",), "run", lines.append)
+    assert lines == ["resume: changed train.lr: saved 0.001, requested 0.0005"]
+    with pytest.raises(ConfigError, match=r"another run .* train\.seed: saved 0, requested 1"):
+        check_resume(saved, {**saved, "train": {"lr": 0.001, "seed": 1}}, ("train",), "run")
 
 
 def _damage_all(workdir):
@@ -126,18 +143,20 @@ def test_an_impossible_iterator_state_is_set_aside(run):
     state = json.loads(path.read_text())
     path.write_text(json.dumps({**state, "next_index": 999}))
     lines = []
-    train(config(), str(run), log=lines.append)
+    train(config("--config.train.steps=2"), str(run), log=lines.append)
     assert "resumed tiny from step 2" in " ".join(lines)
     assert [s.split(".")[0] for s in os.listdir(run / "checkpoints" / "unreadable")] == ["4"]
-    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]  # steps 3-4 redone, not doubled
+    assert [m["step"] for m in metrics(run)] == [1, 2]  # the rows of the steps to redo dropped
 
 
 def test_nonfinite_steps_never_write_or_rotate_out_checkpoints(run):
     good = snapshot(run / "checkpoints")
     poisoned = config("--config.train.lr=1e9", "--config.train.steps=40", "--config.train.max_nonfinite=3")
+    progress = []
     with pytest.raises(FloatingPointError) as e:
-        train(poisoned, str(run), changes=["train.lr"],
-              log=lambda *_: None)
+        train(poisoned, str(run), changes=["train.lr"], log=progress.append)
+    assert any(line.startswith("compiling the train step") for line in progress)
+    assert any("steps skipped: non-finite)" in line for line in progress)  # the console says so
     ckpt = Checkpointer(str(run / "checkpoints"), create=False)
     steps = ckpt.steps()
     ckpt.close()
@@ -150,7 +169,8 @@ def test_nonfinite_steps_never_write_or_rotate_out_checkpoints(run):
         assert snapshot(run / "checkpoints") == good
     # A sane resume from there is not stopped at once by a restored counter.
     lines = []
-    train(config("--config.train.steps=8"), str(run), changes=["train.lr"], log=lines.append)
+    train(config(f"--config.train.steps={steps[-1] + 1}"), str(run), changes=["train.lr"],
+          log=lines.append)
     assert f"resumed tiny from step {steps[-1]}" in " ".join(lines) and lines[-1].startswith("done")
 
 
@@ -196,11 +216,8 @@ def test_a_failed_save_stops_the_run_with_one_message(run):
     assert "done:" not in out.stdout
     steps_run = max(m["step"] for m in metrics(run))
     assert steps_run < 40
-    # The good checkpoints are intact (byte for byte) and restore.
+    # The good checkpoints are intact, byte for byte (their checksums restore-verified elsewhere).
     assert {k: v for k, v in snapshot(run / "checkpoints").items() if k in good} == good
-    lines = []
-    train(config("--config.train.steps=6"), str(run), log=lines.append)
-    assert "resumed tiny from step 4" in " ".join(lines)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])

@@ -258,21 +258,19 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _sums(leaves):
-    """Per array: the wrapping sum of its words and the sum weighted by 2i+1. A single flipped
-    bit changes both (the odd weights are invertible mod 2**32): cheap, not cryptographic."""
-    out = []
-    for x in leaves:
-        w = _words(x).ravel()
-        weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weights, dtype=jnp.uint32)]))
-    return out
+def _sums(x: jax.Array) -> jax.Array:
+    """The wrapping sum of an array's words and the sum weighted by 2i+1. A single flipped bit
+    changes both (the odd weights are invertible mod 2**32): cheap, not cryptographic. One
+    small program per shape and dtype (a state has few), not one program over all arrays."""
+    w = _words(x).ravel()
+    weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weights, dtype=jnp.uint32)])
 
 
 def checksums(tree) -> dict[str, list[int]]:
     """{leaf path: [sum, weighted sum]} of a state, computed where the arrays live."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    sums = jax.device_get(_sums([x for _, x in flat]))
+    sums = jax.device_get([_sums(x) for _, x in flat])
     return {_path(p): [int(v) for v in np.asarray(s)] for (p, _), s in zip(flat, sums)}
 
 

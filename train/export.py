@@ -19,6 +19,8 @@ import sys
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from ediffi_jax.config import read_json
+
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -75,8 +77,7 @@ def jax_to_numpy(tree):
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        return json.load(f)
+    return read_json(os.path.join(path, CONFIG_FILE), "the export's config")
 
 
 def read_params(path: str, abstract_params) -> tuple[dict, int]:
