@@ -129,6 +129,51 @@ def test_loader_errors_name_what_is_wrong(tmp_path):
         load_clip_vision(str(d))
 
 
+def test_weights_the_config_does_not_use_are_an_error(tmp_path, caplog):
+    """A T5 checkpoint with two blocks and num_layers=1 loaded silently and computed garbage."""
+    d = _copy_fixture("t5_relu", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["num_layers"] >= 2
+    (d / "config.json").write_text(json.dumps({**cfg, "num_layers": 1}))
+    with pytest.raises(hf.CheckpointError, match=r"tensors that its config.json does not use: "
+                       r"encoder\.block\.1\..*strict=False"):
+        load_t5(str(d))
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from ediffi_jax.encoders import t5
+
+    one = t5.T5Config.from_hf({**cfg, "num_layers": 1})
+    ids = jnp.zeros((1, 4), jnp.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(
+        lambda: t5.T5Encoder(one).init(jax.random.key(0), ids, ids)["params"]))
+    with caplog.at_level("WARNING"):
+        params = hf.load(str(d), t5.hf_names(one), abstract, strict=False)
+    assert "block_0" in params and "encoder.block.1." in caplog.text
+    # The other towers of a file are not the module's: a CLIPModel directory serves both.
+    tensors = hf.SafetensorsDir(os.path.join(FIXTURES, "clip_text"))
+    from ediffi_jax.encoders import clip
+
+    text_cfg = clip.CLIPTextConfig.from_hf(hf.read_config(os.path.join(FIXTURES, "clip_text")))
+    assert hf.unused_tensors(tensors, clip.text_hf_names(text_cfg)) == []
+
+
+def test_a_token_id_outside_the_vocabulary_is_an_error():
+    from ediffi_jax.config import ConfigError
+    from ediffi_jax.encoders.conditioner import EncodersConfig, PretrainedEncoder
+
+    path = os.path.join(FIXTURES, "t5_relu")
+    vocab = json.loads(open(os.path.join(path, "config.json")).read())["vocab_size"]
+    encoder = PretrainedEncoder.__new__(PretrainedEncoder)
+    encoder.mesh = None
+    tower = load_t5(path)
+    mask = np.ones((1, 4), np.float32)
+    with pytest.raises(ConfigError, match=rf"token id {vocab} is outside the vocabulary .* \({vocab} ids\)"):
+        encoder._run_text(tower, np.array([[1, 2, vocab, 3]], np.int32), mask)
+    hidden, = encoder._run_text(tower, np.array([[1, 2, vocab - 1, 3]], np.int32), mask)
+    assert np.isfinite(hidden).all()
+
+
 def test_real_clip_vocabulary_gives_the_standard_ids():
     from ediffi_jax.encoders.tokenizers import clip_tokenizer
 

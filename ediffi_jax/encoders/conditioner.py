@@ -144,6 +144,13 @@ class PretrainedEncoder:
         tokens, its hidden states zero-padded back: exact, since keys past a prompt are masked
         (T5: relative positions; CLIP: causal), and short captions cost a fraction of the full
         length (0.23x at 32 of 128 tokens for T5-small, benchmarks/t5_encode.py)."""
+        vocab = tower.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):  # the lookup would give NaN
+            from ediffi_jax.config import ConfigError
+
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ConfigError(f"token id {bad} is outside the vocabulary of {tower.directory} "
+                              f"({vocab} ids): the tokenizer does not belong to this checkpoint")
         length = ids.shape[1]
         bucket = min(length, max(BUCKET, -(-int(mask.sum(1).max()) // BUCKET) * BUCKET))
         out = tower.apply(tower.params, self._shard(ids[:, :bucket]), self._shard(mask[:, :bucket]))

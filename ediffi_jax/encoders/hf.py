@@ -103,14 +103,41 @@ class SafetensorsDir:
                               f"({len(self._where)} tensors there)")
 
 
+# Buffers transformers saves beside the weights in some checkpoints: not parameters.
+_BUFFERS = ("position_ids",)
+
+
+def unused_tensors(tensors: "SafetensorsDir", names) -> list[str]:
+    """Tensors of the module's own namespaces (the first name component of what `names` reads,
+    e.g. `encoder` for T5, `text_model` for CLIP's text tower) that no param reads: weights the
+    config does not ask for (more layers than `num_layers`, say), which a loader must not drop
+    silently. Other towers of the same file (T5's decoder, CLIPModel's other tower) are not
+    the module's and are left alone."""
+    candidates = {c for hf_name, _ in names.values() for c in hf_name.split("|")}
+    owned = {c.split(".")[0] for c in candidates}
+    return [n for n in tensors.names() if n.split(".")[0] in owned and n not in candidates
+            and not n.endswith(_BUFFERS)]
+
+
 def load(directory: str, names: Mapping[tuple[str, ...], tuple[str, str]], abstract_params,
-         shardings=None, dtype=np.float32):
+         shardings=None, dtype=np.float32, strict: bool = True):
     """The params tree of `abstract_params` read from `directory`. With `shardings` (a tree
     like abstract_params) each leaf is a global jax.Array on its sharding; without, numpy.
 
     Every param must be named in `names` and present in the checkpoint with the expected
-    shape: errors name the Hugging Face tensor and the Flax path."""
+    shape: errors name the Hugging Face tensor and the Flax path. Tensors of the module's
+    namespaces that no param reads are an error too (`strict=False`: a warning naming them)."""
     tensors = SafetensorsDir(directory)
+    unused = unused_tensors(tensors, names)
+    if unused:
+        listed = f"{', '.join(unused[:4])}{f' (+{len(unused) - 4} more)' if len(unused) > 4 else ''}"
+        message = (f"{directory}: {len(unused)} tensors that its config.json does not use: "
+                   f"{listed} (a config with fewer layers than the weights?)")
+        if strict:
+            raise CheckpointError(message + "; load with strict=False to ignore them")
+        import logging
+
+        logging.getLogger(__name__).warning("%s; ignored (strict=False)", message)
     flat = flatten_dict(abstract_params)
     unnamed = sorted(set(flat) - set(names))
     if unnamed:
