@@ -45,7 +45,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ediffi_jax.eval.sweep import write_atomically
+from ediffi_jax.atomic import write_atomically
 
 CONFIG = "configs/expert_study.py"
 LAYOUTS = ("1", "2", "3", "1r")

@@ -1,9 +1,23 @@
-"""Write a directory so that readers see the old one or the complete new one, never half."""
+"""Write a file or directory so that readers see the old one or the complete new one, never
+half."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+from typing import Callable
+
+
+def write_atomically(path: str, write: Callable) -> None:
+    """write(binary file) on a temporary name, renamed to `path` only once complete."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
 from ediffi_jax.paint.bias import PaintSettings
 from ediffi_jax.paint.masks import paint_conditioning
-from train.checkpoint import Checkpointer
+from train.checkpoint import open_run
 from train.trainer import RunSpec, load_params, parse_run
 
 
@@ -39,13 +39,8 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
     if is_export(workdir):
         return ml_collections.ConfigDict(read_config(workdir))
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"{workdir} does not exist: give a run's workdir or an export")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)  # creates nothing
+    ckpt, steps = open_run(workdir)  # creates nothing
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train it first")
         return ml_collections.ConfigDict(ckpt.restore_config(steps[-1]))
     finally:
         ckpt.close()

@@ -186,8 +186,9 @@ class Checkpointer:
             return
         saved = self._read(step, "checksums", lambda: self.manager.restore(
             step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"])
-        bad = sorted(k for k, v in checksums(state).items() if saved.get(k) != v)
-        if bad or set(saved) != set(checksums(state)):
+        restored = checksums(state)
+        bad = sorted(k for k, v in restored.items() if saved.get(k) != v)
+        if bad or set(saved) != set(restored):
             more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
             raise CheckpointDamaged(f"its arrays do not match their checksums: "
                                     f"{', '.join(bad[:3]) or 'other leaves'}{more}")
@@ -247,6 +248,19 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def open_run(workdir: str) -> tuple[Checkpointer, list[int]]:
+    """A reader of an existing run's checkpoints and its steps. A missing workdir, or one with
+    no checkpoint, is a ConfigError that creates nothing."""
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"{workdir} does not exist: give a run's workdir or an export")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    steps = ckpt.steps()
+    if not steps:
+        ckpt.close()
+        raise ConfigError(f"no checkpoint in {ckpt.directory}: train that run first")
+    return ckpt, steps
 
 
 def _words(x: jax.Array) -> jax.Array:

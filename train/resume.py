@@ -11,22 +11,24 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
+from ediffi_jax.atomic import write_atomically
 from ediffi_jax.config import ConfigError
 
 # Taken as requested, and logged.
 FREE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-        "train.max_nonfinite", "mesh.", "distributed.")
+        "train.max_nonfinite", "mesh", "distributed")
 # Taken only when named with --change.
 CHANGEABLE = ("train.lr", "train.warmup_steps", "train.lr_decay", "train.weight_decay",
               "train.b1", "train.b2", "train.grad_clip", "train.ema_decay",
               "train.ema_half_life_images", "train.ema_warmup", "train.grad_accum",
-              "train.drop_t5", "train.drop_clip_text", "train.drop_clip_image", "sampling.")
+              "train.drop_t5", "train.drop_clip_text", "train.drop_clip_image", "sampling")
 # Everything else (model, data, encoders, train.seed, train.sigma_quantiles, train.batch_size,
 # train.init_from, name, ...) identifies the run and may not change.
 
 
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    """`key` is one of `prefixes` or lies below one (`sampling` covers `sampling.num_steps`)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -44,9 +46,9 @@ def kind(key: str, saved: Mapping[str, Any]) -> str:
     length changes the learning rate of every remaining step, so it needs --change."""
     if key == "train.steps" and saved.get("train.lr_decay") == "cosine":
         return "changeable"
-    if _matches(key, FREE):
+    if _under(key, FREE):
         return "free"
-    return "changeable" if _matches(key, CHANGEABLE) else "fixed"
+    return "changeable" if _under(key, CHANGEABLE) else "fixed"
 
 
 def check_changes(changes: Iterable[str], requested: Mapping) -> None:
@@ -55,7 +57,7 @@ def check_changes(changes: Iterable[str], requested: Mapping) -> None:
     for key in changes:
         if key not in flat and not any(k.startswith(key + ".") for k in flat):
             raise ConfigError(f"--change {key}: no such config key")
-        if not (_matches(key, FREE + CHANGEABLE) or key + "." in FREE + CHANGEABLE):
+        if not (_under(key, FREE + CHANGEABLE) or any(_under(p, [key]) for p in FREE + CHANGEABLE)):
             raise ConfigError(f"--change {key}: {key} identifies the run and cannot change on "
                               "resume; start a new --workdir (or branch with train.branch)")
 
@@ -74,12 +76,12 @@ def check_resume(saved: Mapping, requested: Mapping, changes: Iterable[str], whe
         if key not in new or old[key] == new[key]:
             continue
         line = f"{key}: saved {old[key]!r}, requested {new[key]!r}"
-        if key == "train.steps" and kind(key, old) == "changeable":
-            line += " (with train.lr_decay='cosine' the length sets every step's learning rate)"
         k = kind(key, old)
+        if key == "train.steps" and k == "changeable":
+            line += " (with train.lr_decay='cosine' the length sets every step's learning rate)"
         if k == "fixed":
             fixed.append(line)
-        elif k == "changeable" and not any(key == c or key.startswith(c + ".") for c in changes):
+        elif k == "changeable" and not _under(key, changes):
             unasked.append((key, line))
         else:
             taken.append(line)
@@ -116,7 +118,5 @@ def truncate_metrics(path: str, last_step: int) -> int:
         except (ValueError, KeyError, TypeError):
             pass
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, lambda f: f.write("".join(kept).encode()))
     return len(lines) - len(kept)

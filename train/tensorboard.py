@@ -22,6 +22,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from ediffi_jax.atomic import write_atomically
+
 __all__ = ["SummaryWriter", "crc32c", "masked_crc32c", "truncate_events"]
 
 # --- CRC32C (Castagnoli) -----------------------------------------------------------------------
@@ -343,8 +345,5 @@ def truncate_events(logdir: str, last_step: int) -> int:
                 kept.append(_record(payload))
         out = b"".join(kept)
         if out != data:
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(out)
-            os.replace(tmp, path)
+            write_atomically(path, lambda f: f.write(out))
     return dropped

@@ -29,7 +29,7 @@ from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
 from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
 from ediffi_jax.spec import StageSpec, parse_config
-from train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
+from train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like, open_run
 from train.lock import WorkdirLock
 from train.resume import check_changes, check_resume, truncate_metrics
 from train.step import (TrainConfig, TrainState, all_finite, init_state, learning_rate,
@@ -213,13 +213,8 @@ def load_params(workdir: str, shardings=None, step: int | None = None):
         place = shardings if shardings is not None else SingleDeviceSharding(jax.local_devices()[0])
         # Two device copies: params and EMA are separate buffers of a (donated) train state.
         return jax.device_put(weights, place), jax.device_put(weights, place), saved
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"{workdir} does not exist: give a run's workdir or an export")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    ckpt, steps = open_run(workdir)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise ConfigError(f"no checkpoint found in {ckpt.directory}: train that run first")
         step = steps[-1] if step is None else step
         if step not in steps:
             raise ConfigError(f"{workdir} has no checkpoint of step {step} (it has {steps})")

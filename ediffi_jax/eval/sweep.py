@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ediffi_jax.atomic import write_atomically
+
 Features = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, 3] -> float [N, D]
 HELD_OUT_SEED_OFFSET = 1000  # the held-out shapes split: training's seed + 1000
 
@@ -223,18 +225,6 @@ def plot_sweep(points, path: str, title: str = "") -> None:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png"))
-
-
-def write_atomically(path: str, write: Callable) -> None:
-    """write(binary file) on a temporary name, renamed to `path` only once complete."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_npz(path: str, **arrays) -> None:
