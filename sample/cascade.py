@@ -29,12 +29,12 @@ from ediffi_jax.config import ConfigError, read_json
 from ediffi_jax.diffusion import lowres
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
+from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from sample.generate import (denoise_batch, expert_workdirs, load_ensemble, run_config,
-                             sample_settings, sampling_conditioner, to_uint8,
-                             training_vocabulary)
+                             sample_settings, to_uint8, training_vocabulary)
 from train.trainer import RunSpec, image_resolution, parse_run
 
 STAGE_KEYS = ("ensemble", "sampling", "paint", "style")
@@ -165,11 +165,12 @@ class CascadeSampler:
     def conditioner(self, stage: Stage):
         """One conditioner (and one encoding per batch) per distinct encoders + token layout
         (+ training vocabulary, which only the word encoder's warnings read)."""
-        m = stage.run.stage.model
+        m, vocabulary = stage.run.stage.model, training_vocabulary(stage.run)
         key = (stage.run.encoders, m.t5_length, m.t5_dim, m.clip_length, m.clip_dim,
-               m.clip_pooled_dim, m.clip_image_dim, training_vocabulary(stage.run))
+               m.clip_pooled_dim, m.clip_image_dim, vocabulary)
         if key not in self._conditioners:
-            self._conditioners[key] = (key, sampling_conditioner(stage.run))
+            self._conditioners[key] = (key, make_conditioner(stage.run.encoders, m,
+                                                             vocabulary=vocabulary))
         return self._conditioners[key]
 
     @property
