@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     from ediffi_jax.data.stage import resize
     from ediffi_jax.diffusion import lowres
     from ediffi_jax.parallel.mesh import make_mesh
-    from sample.cascade import CascadeSampler, gather, load_stage
-    from sample.generate import to_uint8
+    from ediffi_jax.pipeline.cascade import CascadeSampler, gather, load_stage
+    from ediffi_jax.pipeline.generate import to_uint8
 
     stage = load_stage(args.stage, [o.replace("--config.", "", 1) for o in overrides])
     if not stage.lowres_scale:

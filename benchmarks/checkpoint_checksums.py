@@ -24,8 +24,8 @@ def main(argv=None) -> int:
 
     from ediffi_jax.models.unet import init_params
     from tests.tiny import tiny_unet_config
-    from train.checkpoint import Checkpointer, checksums
-    from train.step import TrainConfig, init_state, make_optimizer
+    from ediffi_jax.runs.checkpoint import Checkpointer, checksums
+    from ediffi_jax.training.step import TrainConfig, init_state, make_optimizer
 
     model = tiny_unet_config(resolution=32, channels=args.channels, channel_mult=(1, 2, 2))
     state = init_state(init_params(model, jax.random.key(0)), make_optimizer(TrainConfig()))

@@ -15,7 +15,7 @@ Per process, the train job does what `python -m train` does before its first ste
 trainer's mesh, `sharded_init`, the jitted `init_state`, then `jax.jit(train_step, shardings,
 donation)` lowered (tracing: the cache cannot skip it) and compiled, then two calls. The
 sample job builds three random experts of the tiny U-Net (an ExpertEnsemble over Config-D),
-then runs `sample.generate.denoise_batch` (DPM-Solver++(2M), 20 steps, CFG, batch 8 sharded
+then runs `ediffi_jax.pipeline.generate.denoise_batch` (DPM-Solver++(2M), 20 steps, CFG, batch 8 sharded
 over the devices as the sampling CLI does) twice: the first run compiles every distinct
 segment setting, the second is the run alone; compile ~= first - second. Devices: one XLA CPU
 device per core by default (the CLIs' `configure_cpu_host`).
@@ -55,8 +55,8 @@ def train_job(batch: int) -> dict:
     from ediffi_jax.config import load_config
     from ediffi_jax.models.unet import boxed_init
     from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
-    from train.step import init_state, make_optimizer, state_shardings, train_step
-    from train.trainer import parse_run, run_schema
+    from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
+    from ediffi_jax.runs.spec import parse_run, run_schema
 
     t0 = time.perf_counter()
     run = parse_run(load_config(CONFIG, [f"--config.train.batch_size={batch}"], run_schema()))
@@ -114,8 +114,8 @@ def sample_job(batch: int) -> dict:
     from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
     from ediffi_jax.models.unet import UNet, init_params
     from ediffi_jax.parallel.mesh import batch_sharding, make_mesh
-    from sample.generate import denoise_batch, sampling_plan
-    from train.trainer import parse_run, run_schema
+    from ediffi_jax.pipeline.generate import denoise_batch, sampling_plan
+    from ediffi_jax.runs.spec import parse_run, run_schema
 
     t0 = time.perf_counter()
     run = parse_run(load_config(CONFIG, [], run_schema()))

@@ -259,7 +259,7 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
     from ediffi_jax.eval.sweep import sample_images
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import load_ensemble
+    from ediffi_jax.runs.store import load_ensemble
 
     todo = [s for s in scales if (layout, seed, s) not in done]
     if not todo:
@@ -297,7 +297,7 @@ def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8
     from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import load_ensemble
+    from ediffi_jax.runs.store import load_ensemble
 
     run, ensemble = load_ensemble(ensemble_path)
     denoise = jax.jit(unet_denoise_fn(UNet(run.stage.model)), static_argnums=4)

@@ -27,7 +27,7 @@ from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS, SINGLE
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.models.experts import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, init_params
-from ediffi_jax.spec import parse_config
+from ediffi_jax.runs.spec import parse_config
 
 
 def _dispatch_cost(plans, shape, repeats):

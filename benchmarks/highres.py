@@ -50,7 +50,7 @@ def quality(run, ensemble, resolution: int, num: int, out_dir: str | None, sigma
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import generate, grid
+    from ediffi_jax.pipeline.generate import generate, grid
 
     prompts = captions(run, num)
     rows = []
@@ -93,7 +93,7 @@ def timing(run, ensemble, resolution: int, rounds: int, sigma_tau: float, batch:
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import generate
+    from ediffi_jax.pipeline.generate import generate
 
     sampling = dataclasses.replace(run.stage.sampling, num_steps=steps)
     prompts = captions(run, batch)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     configure_cpu_host()
     import jax
 
-    from sample.generate import load_ensemble
+    from ediffi_jax.runs.store import load_ensemble
 
     run, ensemble = load_ensemble(args.model)
     cpu = subprocess.run("grep -m1 'model name' /proc/cpuinfo", shell=True, capture_output=True,

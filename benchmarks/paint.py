@@ -71,7 +71,7 @@ def paint_for(chunk, scale: float, weight: str, res: int):
     """The Paint of a batch of cases: per prompt, one mask per phrase over its region."""
     from ediffi_jax.paint.bias import PaintSettings
     from ediffi_jax.paint.masks import PhraseMask
-    from sample.generate import Paint
+    from ediffi_jax.pipeline.generate import Paint
 
     masks = tuple(tuple(PhraseMask(phrase, region_mask(region, res))
                         for phrase, _, region in objects) for _, objects in chunk)
@@ -82,7 +82,8 @@ def run(model: str, num: int, scales, weight: str, layout: str, out: str | None,
         overrides=(), batch: int = 64):
     from ediffi_jax.data.shapes import count_objects
     from ediffi_jax.eval.fidelity import paint_position_accuracy
-    from sample.generate import generate, grid, load_ensemble, sampling_with_overrides
+    from ediffi_jax.pipeline.generate import generate, grid, sampling_with_overrides
+    from ediffi_jax.runs.store import load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
     settings = sampling_with_overrides(run_spec, overrides)
@@ -127,7 +128,8 @@ def timing(model: str, scale: float, weight: str, rounds: int, overrides=(),
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
-    from sample.generate import generate, load_ensemble, sampling_with_overrides
+    from ediffi_jax.pipeline.generate import generate, sampling_with_overrides
+    from ediffi_jax.runs.store import load_ensemble
 
     run_spec, ensemble = load_ensemble(model)
     settings = sampling_with_overrides(run_spec, overrides)

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     import dataclasses
 
     from ediffi_jax.data.shapes import analyse
-    from sample.generate import generate, load_ensemble
+    from ediffi_jax.pipeline.generate import generate
+    from ediffi_jax.runs.store import load_ensemble
 
     run, ensemble = load_ensemble(args.model)
     todo = cases(run, args.num)

@@ -4,7 +4,7 @@ against the dry-run planner's estimate, for the step the trainer runs.
     python -m benchmarks.train_mfu [--config configs/base64.py:A] [--batch-per-device 32]
         [--steps 10] [--peak-tflops T] [--config.model.remat=True ...]
 
-The step is `train.dry_run.plan_step`'s (the trainer's shardings, donation and mesh over all
+The step is `ediffi_jax.training.dry_run.plan_step`'s (the trainer's shardings, donation and mesh over all
 devices here), compiled once: the planner's figures (`plan_of`: buffer assignment of this very
 program) and the run come from the same executable. State is initialised on the devices (real
 params, AdamW moments, EMA), the batch is random images and conditioning; `--steps` steps run
@@ -43,7 +43,7 @@ def random_inputs(planned, seed: int = 0):
 
     from ediffi_jax.models.unet import boxed_init
     from ediffi_jax.parallel.mesh import sharded_init
-    from train.step import init_state
+    from ediffi_jax.training.step import init_state
 
     model, tcfg = planned.run.stage.model, planned.run.train
     params, _ = sharded_init(lambda: boxed_init(model, jax.random.key(seed)), planned.mesh)
@@ -71,7 +71,7 @@ def measure(config, *, steps: int = 10, peak: float | None = None) -> dict:
     import jax
 
     from benchmarks.vs_diffusers import matmul_flops
-    from train.dry_run import plan_of, plan_step
+    from ediffi_jax.training.dry_run import plan_of, plan_step
 
     planned = plan_step(config)
     interval = jax.device_put(planned.run.train.sigma_interval(), planned.interval.sharding)
@@ -109,7 +109,7 @@ def measure(config, *, steps: int = 10, peak: float | None = None) -> dict:
 
 def main(argv=None) -> int:
     from ediffi_jax.config import load_config, split_overrides
-    from train.trainer import run_schema
+    from ediffi_jax.runs.spec import run_schema
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_overrides(argv)

@@ -8,7 +8,7 @@ On `vs_diffusers`' small U-Net (1 XLA CPU device, batch 8, the same compiled `tr
   computation, and its kernels (each fusion, or op left unfused, is one kernel the thunk
   runtime launches) by what they compute: convolution, dot, reduction, elementwise, ...;
 - the update part alone (finite check, global-norm clip + AdamW, EMA, the cond that skips a
-  non-finite step: train/step.py's `apply_update`), jitted with donation, per leaf
+  non-finite step: ediffi_jax/training/step.py's `apply_update`), jitted with donation, per leaf
   as the trainer runs it against the same on one raveled vector (the multi-tensor form torch's
   fused optimizers use), paired per round.
 """
@@ -63,7 +63,7 @@ def update_timings(rounds: int, iters: int) -> list[tuple[float, float]]:
 
     from benchmarks.vs_diffusers import CONFIGS
     from ediffi_jax.models.unet import UNetConfig, abstract_params
-    from train.step import TrainConfig, all_finite, apply_update, init_state, make_optimizer
+    from ediffi_jax.training.step import (TrainConfig, all_finite, apply_update, init_state, make_optimizer)
 
     cfg = TrainConfig(lr=1e-4, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, ema_warmup=False)
     optimizer = make_optimizer(cfg)

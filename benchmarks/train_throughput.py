@@ -3,7 +3,7 @@ checkpoint save blocks training.
 
     python -m benchmarks.train_throughput [--rounds 2] [--steps 60] [--batch B]
 
-Each variant runs the real trainer (`train.trainer.train`: input pipeline, jitted donated
+Each variant runs the real trainer (`ediffi_jax.training.trainer.train`: input pipeline, jitted donated
 step, logging, async orbax saves) in its own process, because the device count and runtime are
 fixed when jax starts. Variants alternate in A-B-C-D, D-C-B-A rounds so drift hits all alike.
 Images/s is the median over logging windows after the first (which holds the compile); the
@@ -35,7 +35,8 @@ def worker(devices: int, classic: bool, steps: int, batch: int | None) -> dict:
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                                f"--xla_cpu_use_thunk_runtime={str(not classic).lower()}")
     from ediffi_jax.config import load_config
-    from train.trainer import run_schema, train
+    from ediffi_jax.runs.spec import run_schema
+    from ediffi_jax.training.trainer import train
 
     lines: list[str] = []
     config = load_config("configs/tiny.py", [

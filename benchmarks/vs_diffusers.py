@@ -26,7 +26,7 @@ convs, 2 per multiply-add: torch's FlopCounterMode, a jaxpr walk here).
 
 Work per call, both sides: train = EDM loss (per-example sigma, noise and conditioning
 dropout, preconditioning, weighting), backward, global-norm clip 1, AdamW, EMA; JAX runs
-train/step.py's `train_step` under `jax.jit` with the trainer's shardings and donation.
+ediffi_jax/training/step.py's `train_step` under `jax.jit` with the trainer's shardings and donation.
 sample = `--sample-steps` Euler steps of CFG (w = 3) on batch B, the cond and uncond branches in
 one U-Net call of 2B; JAX runs `PlanRunner` (one jitted fori_loop). Random weights everywhere
 (none zero), float32 params.
@@ -225,7 +225,7 @@ def build_jax(model_fields: dict, variant: str, args, mesh):
     from ediffi_jax.models.experts import unet_denoise_fn
     from ediffi_jax.models.unet import UNet, UNetConfig, boxed_init, count_params
     from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
-    from train.step import TrainConfig, init_state, make_optimizer, state_shardings, train_step
+    from ediffi_jax.training.step import (TrainConfig, init_state, make_optimizer, state_shardings, train_step)
 
     overrides, donate = VARIANTS["base" if variant.startswith("xla:") else variant]
     compiler_options = xla_options(variant)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ediffi_jax.config import load_config, split_overrides
 from ediffi_jax.models.unet import UNet, UNetConfig, abstract_params
-from ediffi_jax.spec import parse_config
+from ediffi_jax.runs.spec import parse_config
 
 
 def cost_of(compiled) -> float:

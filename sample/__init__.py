@@ -1,1 +1,2 @@
-"""Sampling: load an expert ensemble from training runs, generate, write PNGs and grids."""
+"""Sampling command lines (python -m sample, sample.evaluate): they parse arguments, call
+ediffi_jax.pipeline and write PNGs and grids."""

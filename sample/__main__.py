@@ -9,7 +9,7 @@ Writes one PNG per sample, named by its index and prompt (letters, digits and '-
 grid.png (a row per prompt); a cascade writes each stage's images to OUT/<stage>/. If sampling
 fails part-way, what finished stays written (with a grid of it) and the command exits 1.
 --ensemble takes an ensemble.json, a single run's workdir or an export; --cascade a file
-listing the stages (see sample/cascade.py), --stages picks a chain of them.
+listing the stages (see ediffi_jax/pipeline/cascade.py), --stages picks a chain of them.
 Overrides `--config.<stage>.section.key=value` go to one stage, `--config.section.key=value`
 to every stage. Prompts are sampled --batch at a time, sharded over every device; each batch's
 PNGs are written as each stage finishes. Progress (sampler steps, all batches and stages) goes
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     from ediffi_jax.config import ConfigError
     from ediffi_jax.diffusion.sampling import check_seed
     from ediffi_jax.parallel.mesh import make_mesh
-    from sample.cascade import CascadeSampler, load_stage, read_cascade
-    from sample.generate import StepProgress, mask_overlay, sampling_plan
+    from ediffi_jax.pipeline.cascade import CascadeSampler, load_stage, read_cascade
+    from ediffi_jax.pipeline.generate import StepProgress, mask_overlay, sampling_plan
 
     try:
         if args.num < 1 or args.batch < 0:
@@ -176,7 +176,7 @@ def write_grids(dirs, images, columns: int) -> str:
     holds."""
     from PIL import Image
 
-    from sample.generate import grid
+    from ediffi_jax.pipeline.generate import grid
 
     said = []
     for d, parts in zip(dirs, images):
@@ -193,7 +193,7 @@ def read_paint(args, resolution: int):
     """The paint-with-words inputs of the command line, at the output size (or None)."""
     from ediffi_jax.paint.bias import PaintSettings
     from ediffi_jax.paint.masks import PaintError, from_color_map, from_mask_specs, read_words
-    from sample.generate import Paint
+    from ediffi_jax.pipeline.generate import Paint
 
     if bool(args.paint) != bool(args.paint_words):
         raise PaintError("--paint (a colour map) and --paint-words (its JSON) go together")

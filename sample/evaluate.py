@@ -12,27 +12,6 @@ import os
 import sys
 
 
-def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None, batch: int = 64,
-                    progress=None):
-    """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy),
-    on the held-out split (ediffi_jax.eval.sweep.held_out_shapes). One sampler serves every
-    batch and the last is padded, so the plan compiles once. `progress(step, num_steps)`
-    hears of every sampler step (PlanRunner's)."""
-    from ediffi_jax.data.shapes import caption_accuracy, parse_caption
-    from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.eval.sweep import held_out_shapes, sample_images
-    from ediffi_jax.models.experts import unet_denoise_fn
-    from ediffi_jax.models.unet import UNet
-
-    source = held_out_shapes(run)
-    captions = [source[i]["caption"] for i in range(num)]
-    runner = PlanRunner(unet_denoise_fn(UNet(run.stage.model)), progress)
-    images = sample_images(run, ensemble, captions, seed=seed, sampling=sampling, batch=batch,
-                           runner=runner)
-    rates = caption_accuracy(images, [parse_caption(c) for c in captions])
-    return rates, images, captions
-
-
 def main(argv=None) -> int:
     from ediffi_jax.config import split_overrides
     from ediffi_jax.parallel.host import configure_cpu_host
@@ -48,8 +27,10 @@ def main(argv=None) -> int:
     configure_cpu_host()
     from ediffi_jax.config import ConfigError
     from ediffi_jax.diffusion.sampling import check_seed
-    from ediffi_jax.eval.sweep import held_out_shapes
-    from sample.generate import StepProgress, grid, load_ensemble, sampling_with_overrides
+    from ediffi_jax.eval.sweep import evaluate_shapes
+    from ediffi_jax.pipeline.generate import StepProgress, grid, sampling_with_overrides
+    from ediffi_jax.runs.data import held_out_shapes
+    from ediffi_jax.runs.store import load_ensemble
 
     batch = 64  # evaluate_shapes's default
     try:

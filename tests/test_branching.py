@@ -8,10 +8,11 @@ from PIL import Image
 
 from ediffi_jax.config import load_config
 from sample.__main__ import main as sample_main
-from sample.generate import load_ensemble, run_config
+from ediffi_jax.runs.store import load_ensemble, run_config
 from train.branch import main as branch_main
-from train.ensemble import write_ensemble
-from train.trainer import load_params, train
+from ediffi_jax.runs.store import write_ensemble
+from ediffi_jax.runs.store import load_params
+from ediffi_jax.training.trainer import train
 
 MICRO = [
     "--config.model.resolution=16", "--config.model.channels=8", "--config.model.channel_mult=(1,2)",
@@ -116,7 +117,7 @@ def test_damaged_or_mismatched_export_is_a_clear_error(runs, tmp_path, monkeypat
 
     from safetensors.numpy import load_file, save_file
 
-    from train.export import write_export
+    from ediffi_jax.runs.store import write_export
 
     out = tmp_path / "exp"
     write_export(str(runs / "shared"), str(out))

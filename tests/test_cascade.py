@@ -16,8 +16,9 @@ from ediffi_jax.data.stage import DegradeConfig, StageExample, degrade
 from ediffi_jax.diffusion import lowres
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels, conv_layer_paths
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
-from train.step import TrainConfig, with_lowres
-from train.trainer import run_schema, train
+from ediffi_jax.training.step import TrainConfig, with_lowres
+from ediffi_jax.runs.spec import run_schema
+from ediffi_jax.training.trainer import train
 
 SR = tiny_unet_config(lowres_scale=2, block_mult=(1, 2), self_attention=False)
 
@@ -175,8 +176,8 @@ def cascade(tmp_path_factory):
 
 def test_cascade_pipeline_end_to_end(cascade):
     from ediffi_jax.parallel.mesh import make_mesh
-    from sample.cascade import CascadeSampler, read_cascade
-    from sample.generate import generate
+    from ediffi_jax.pipeline.cascade import CascadeSampler, read_cascade
+    from ediffi_jax.pipeline.generate import generate
 
     stages = read_cascade(str(cascade / "cascade.json"))
     assert [s.name for s in stages] == ["base16", "sr32", "sr64"]
@@ -203,7 +204,7 @@ def test_cascade_pipeline_end_to_end(cascade):
     assert np.abs(other[2].astype(int) - out[2]).mean() > 1
     # Paint-with-words masks reach the stages whose entry allows it (not sr64).
     from ediffi_jax.paint.masks import PhraseMask
-    from sample.generate import Paint
+    from ediffi_jax.pipeline.generate import Paint
 
     left = np.zeros((32, 32), np.float32)
     left[:, :16] = 1
@@ -220,7 +221,7 @@ def test_cascade_pipeline_end_to_end(cascade):
 
 
 def test_cascade_errors_before_sampling(cascade, tmp_path):
-    from sample.cascade import read_cascade
+    from ediffi_jax.pipeline.cascade import read_cascade
 
     path = str(cascade / "cascade.json")
     with pytest.raises(ConfigError, match="not in .*its stages: \\['base16', 'sr32', 'sr64'\\]"):

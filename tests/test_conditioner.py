@@ -92,13 +92,13 @@ def _config(encoders, extra=()):
     sections = [f"--config.encoders.{k}={v}" for k, v in encoders.items()]
     dims = [f"--config.model.{k}={WIDTH}" for k in ("t5_dim", "clip_dim", "clip_pooled_dim",
                                                    "clip_image_dim", "t5_length", "clip_length")]
-    from train.trainer import run_schema
+    from ediffi_jax.runs.spec import run_schema
 
     return load_config("configs/tiny.py", MICRO + dims + sections + list(extra), run_schema())
 
 
 def test_precompute_stores_what_the_encoders_give_and_resumes(encoders, tmp_path, monkeypatch):
-    import train.precompute as pc
+    import ediffi_jax.data.precompute as pc
     from ediffi_jax.data import records
 
     data = _dataset(tmp_path)
@@ -141,8 +141,8 @@ def test_precompute_stores_what_the_encoders_give_and_resumes(encoders, tmp_path
 
 
 def test_training_reads_precomputed_conditioning(encoders, tmp_path):
-    import train.precompute as pc
-    from train.trainer import train
+    import ediffi_jax.data.precompute as pc
+    from ediffi_jax.training.trainer import train
 
     data = _dataset(tmp_path, n=16)
     out = str(tmp_path / "cond" / "train")

@@ -7,7 +7,7 @@ import pytest
 from ediffi_jax import info
 from ediffi_jax.config import ConfigError, load_config
 from ediffi_jax.models.unet import UNetConfig, count_params, init_params
-from ediffi_jax.spec import parse_config
+from ediffi_jax.runs.spec import parse_config
 
 
 def test_shipped_configs_parse():
@@ -21,7 +21,7 @@ def test_shipped_configs_parse():
     # The SR stages: Efficient-U-Net-like block counts, attention at 32 only, SR1024 patch-trained
     # without self-attention; Config-B's SR256 has two equal-mass experts.
     from ediffi_jax.models.unet import attention_block_names, conv3x3_levels
-    from train.trainer import image_resolution, parse_run, run_schema
+    from ediffi_jax.runs.spec import image_resolution, parse_run, run_schema
 
     sr256 = parse_run(load_config("configs/sr.py:256", schema=run_schema()))
     assert [sr256.stage.model.blocks(lvl) for lvl in range(4)] == [2, 4, 8, 8]
@@ -110,7 +110,7 @@ def test_info_command_reports_params_and_flops(capsys):
 
 
 def test_every_section_field_can_be_overridden_even_if_the_file_omits_it():
-    from train.trainer import parse_run, run_schema
+    from ediffi_jax.runs.spec import parse_run, run_schema
 
     from configs.tiny import get_config
 

@@ -128,7 +128,7 @@ def test_tpu_pod_and_kubernetes_detection(calls, monkeypatch):
 
 
 def test_config_section_and_validation():
-    from train.trainer import run_schema
+    from ediffi_jax.runs.spec import run_schema
 
     config = load_config(TINY, ["--config.distributed.mode=on",
                                 "--config.distributed.process_id=3",

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from ediffi_jax.data import shapes
 from ediffi_jax.eval import clip_score, fid, fidelity, sweep
+from ediffi_jax.runs.store import load_ensemble
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "encoders")
 
@@ -201,7 +202,7 @@ def tiny_model(tmp_path_factory):
     from ediffi_jax.config import load_config, section
     from ediffi_jax.models.unet import UNetConfig
     from tiny import tiny_params
-    from train.trainer import run_schema
+    from ediffi_jax.runs.spec import run_schema
 
     config = load_config("configs/tiny.py", MICRO, schema=run_schema())
     out = tmp_path_factory.mktemp("sweep") / "tiny"
@@ -231,13 +232,11 @@ def test_measure_of_reference_images_is_perfect():
 
 
 def test_held_out_split_is_the_one_sample_evaluate_grades(tiny_model, monkeypatch):
-    import sample.generate
-    from sample.evaluate import evaluate_shapes
 
-    run, ensemble = sample.generate.load_ensemble(tiny_model)
-    monkeypatch.setattr(sample.generate, "generate",
+    run, ensemble = load_ensemble(tiny_model)
+    monkeypatch.setattr(sweep, "generate",
                         lambda run, ens, prompts, **kw: np.zeros((len(prompts), 16, 16, 3), np.uint8))
-    _, _, captions = evaluate_shapes(run, ensemble, num=6)
+    _, _, captions = sweep.evaluate_shapes(run, ensemble, num=6)
     source = sweep.held_out_shapes(run)
     assert [source[i]["caption"] for i in range(6)] == captions
     assert source.config.resolution == 16 and source.config.seed == 1000
@@ -247,7 +246,8 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_model, tiny_clip, tmp_path):
     """The CLI on a tiny random export: per scale, FID against held-out shapes statistics,
     prompt fidelity and the CLIP score, each equal to its recomputation from the samples the
     run keeps; the samples are the plain sampler's at that scale; the plot is a PNG."""
-    from sample.generate import generate, load_ensemble
+    from ediffi_jax.pipeline.generate import generate
+    from ediffi_jax.runs.store import load_ensemble
 
     png, out_json, ref_npz = tmp_path / "sweep.png", tmp_path / "sweep.json", tmp_path / "ref.npz"
     kept = tmp_path / "samples.npz"

@@ -62,7 +62,7 @@ def test_a_failing_batch_keeps_every_finished_image(exports, tmp_path, capsys, c
                                                     monkeypatch):
     """Batch 0 ('a red/circle') finishes both stages; batch 1 ('..') its base stage, then sr32
     fails: both stages' finished PNGs stay, with a grid of them, and the message says so."""
-    from sample.cascade import CascadeSampler
+    from ediffi_jax.pipeline.cascade import CascadeSampler
 
     run_stage = CascadeSampler.run_stage
 
@@ -145,8 +145,8 @@ def test_scalecrafter_at_a_scale_its_plan_cannot_express(capsys):
 
 
 def test_malformed_json_files_are_named_with_the_line(exports, tmp_path, capsys):
-    from sample.cascade import read_cascade
-    from sample.generate import expert_workdirs
+    from ediffi_jax.pipeline.cascade import read_cascade
+    from ediffi_jax.runs.store import expert_workdirs
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"experts": [\n  "a",\n}')
@@ -232,7 +232,8 @@ def test_evaluate_arguments(exports, tmp_path, capsys):
 # ----------------------------------------------------------------------------- words
 
 def test_the_training_vocabulary_of_the_shipped_model():
-    from sample.generate import load_ensemble, training_vocabulary
+    from ediffi_jax.pipeline.generate import training_vocabulary
+    from ediffi_jax.runs.store import load_ensemble
 
     run, _ = load_ensemble(SHIPPED)
     assert training_vocabulary(run) == {"a", "red", "green", "blue", "yellow", "magenta", "cyan",
@@ -245,7 +246,8 @@ def test_vocabulary_follows_the_shapes_config():
     from ediffi_jax.data.shapes import ShapesSource
     from ediffi_jax.encoders.toy import caption_words
     from ediffi_jax.eval.sweep import shapes_config
-    from sample.generate import load_ensemble, training_vocabulary
+    from ediffi_jax.pipeline.generate import training_vocabulary
+    from ediffi_jax.runs.store import load_ensemble
 
     run, _ = load_ensemble(SHIPPED)
     for shapes in ({"mixed": True, "max_objects": 2, "min_objects": 2, "colours": ("red", "blue")},
@@ -306,7 +308,7 @@ def test_progress_changes_no_sample_and_hears_every_step_once_on_8_devices():
 
 
 def test_step_progress_lines():
-    from sample.generate import StepProgress
+    from ediffi_jax.pipeline.generate import StepProgress
 
     log = io.StringIO()  # not a terminal: a line per quarter
     progress = StepProgress(10, stream=log)

@@ -17,9 +17,10 @@ import pytest
 
 from ediffi_jax.config import ConfigError, load_config
 from tests.test_resume import OVERRIDES, ROOT
-from train.checkpoint import Checkpointer
-from train.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
-from train.trainer import run_schema, train
+from ediffi_jax.runs.checkpoint import Checkpointer
+from ediffi_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+from ediffi_jax.runs.spec import run_schema
+from ediffi_jax.training.trainer import train
 
 BASE = [o for o in OVERRIDES if not o.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]
 # A constant rate: the run's length is then not part of the compiled step, so runs of other
@@ -107,7 +108,7 @@ def test_a_changed_setting_needs_change_and_is_then_logged_and_saved(run):
 
 
 def test_a_changed_lr_is_an_error_unless_named():
-    from train.resume import check_resume
+    from ediffi_jax.training.resume import check_resume
 
     saved = {"train": {"lr": 0.001, "seed": 0}, "model": {"channels": 8}}
     with pytest.raises(ConfigError, match=r"train\.lr: saved 0\.001, requested 0\.0005\. If the "
@@ -186,7 +187,7 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(run):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from train.lock import WorkdirLock; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from ediffi_jax.training.lock import WorkdirLock; "
             "WorkdirLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True)
@@ -289,8 +290,8 @@ def test_a_missing_parent_creates_nothing(tmp_path, capsys):
 def test_logs_are_truncated_to_the_restored_step(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
-    from train.resume import truncate_metrics
-    from train.tensorboard import SummaryWriter, truncate_events
+    from ediffi_jax.training.resume import truncate_metrics
+    from ediffi_jax.training.tensorboard import SummaryWriter, truncate_events
 
     logdir = tmp_path / "tb"
     with SummaryWriter(str(logdir)) as w:
@@ -308,7 +309,7 @@ def test_logs_are_truncated_to_the_restored_step(tmp_path):
 
 def test_with_a_cosine_decay_the_length_needs_change():
     """The length sets a cosine schedule's rate at every step; a constant rate's it does not."""
-    from train.resume import check_resume
+    from ediffi_jax.training.resume import check_resume
 
     saved = {"train": {"steps": 4, "lr_decay": "cosine"}}
     with pytest.raises(ConfigError, match=r"train\.steps: saved 4, requested 8 \(with "

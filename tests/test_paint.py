@@ -197,7 +197,7 @@ def test_sampling_overrides_by_name():
 
     from ediffi_jax.config import ConfigError
     from ediffi_jax.diffusion.plan import SamplingConfig
-    from sample.generate import sampling_with_overrides
+    from ediffi_jax.pipeline.generate import sampling_with_overrides
 
     run = SimpleNamespace(stage=SimpleNamespace(sampling=SamplingConfig(num_steps=20)))
     s = sampling_with_overrides(run, ["sampling.sampler=heun", "sampling.s_churn=40",

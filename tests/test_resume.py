@@ -92,7 +92,7 @@ def test_sigkill_and_resume_equals_straight_run(tmp_path):
 def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, capsys):
     import jax.numpy as jnp
 
-    from train.checkpoint import Checkpointer
+    from ediffi_jax.runs.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
     for step in (1, 2):
@@ -117,7 +117,7 @@ def test_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch)
     only in its background thread, so the Checkpointer must resolve the directory itself."""
     import jax.numpy as jnp
 
-    from train.checkpoint import Checkpointer
+    from ediffi_jax.runs.checkpoint import Checkpointer
 
     monkeypatch.chdir(tmp_path)
     ckpt = Checkpointer(os.path.join("runs", "x", "checkpoints"), keep=2)
@@ -138,8 +138,8 @@ def test_restore_onto_a_different_mesh_and_device_count(tmp_path):
     from ediffi_jax.models.unet import boxed_init
     from ediffi_jax.parallel.mesh import logical_shardings, make_mesh
     from tests.tiny import tiny_params, tiny_unet_config
-    from train.checkpoint import Checkpointer, abstract_like
-    from train.step import TrainConfig, init_state, make_optimizer, state_shardings
+    from ediffi_jax.runs.checkpoint import Checkpointer, abstract_like
+    from ediffi_jax.training.step import TrainConfig, init_state, make_optimizer, state_shardings
 
     model = tiny_unet_config()
     optimizer = make_optimizer(TrainConfig())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.tensorboard import SummaryWriter, crc32c, masked_crc32c
+from ediffi_jax.training.tensorboard import SummaryWriter, crc32c, masked_crc32c
 
 # --- an independent reader: bitwise CRC, generic protobuf wire decoder ---------------------------
 

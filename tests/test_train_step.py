@@ -11,7 +11,7 @@ from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
-from train.step import TrainConfig, compute_grads, example_randomness, init_state, make_optimizer, state_shardings, train_step
+from ediffi_jax.training.step import (TrainConfig, compute_grads, example_randomness, init_state, make_optimizer, state_shardings, train_step)
 
 MODEL = tiny_unet_config(dropout=0.0)
 UNET = UNet(MODEL)
@@ -146,7 +146,7 @@ def test_train_config_validation():
 
 
 def test_learning_rate_schedules():
-    from train.step import learning_rate
+    from ediffi_jax.training.step import learning_rate
 
     const = learning_rate(TrainConfig(lr=1e-3, warmup_steps=10, steps=100))
     assert float(const(5)) == pytest.approx(5e-4) and float(const(99)) == pytest.approx(1e-3)
@@ -159,7 +159,7 @@ def test_learning_rate_schedules():
 
 
 def test_ema_warmup_applies_from_scratch_but_not_to_a_branched_child():
-    from train.step import ema_decay
+    from ediffi_jax.training.step import ema_decay
 
     step0 = jnp.zeros((), jnp.int32)
     assert float(ema_decay(TrainConfig(ema_decay=0.999), step0)) == pytest.approx(0.1)

@@ -2,7 +2,7 @@
 
     python -m train --config configs/X.py[:ARG] --dry_run [--devices N] [--device_memory_gib G]
 compiles the train step for a mesh of N devices without allocating and prints parameters,
-per-device memory and FLOPs per step (train/dry_run.py); exit status 0 if it fits, 3 if not."""
+per-device memory and FLOPs per step (ediffi_jax/training/dry_run.py); exit status 0 if it fits, 3 if not."""
 from __future__ import annotations
 
 import argparse
@@ -34,19 +34,20 @@ def main(argv=None) -> int:
         parser.error("--workdir is required (except with --dry_run)")
 
     if args.dry_run:
-        from train.dry_run import prepare_host
+        from ediffi_jax.training.dry_run import prepare_host
 
         prepare_host(args.devices)  # before any jax backend starts
     else:
         configure_cpu_host()
     from ediffi_jax.config import ConfigError, load_config
-    from train.checkpoint import CheckpointSaveError
-    from train.trainer import run_schema, train
+    from ediffi_jax.runs.checkpoint import CheckpointSaveError
+    from ediffi_jax.runs.spec import run_schema
+    from ediffi_jax.training.trainer import train
 
     try:
         config = load_config(args.config, overrides, run_schema())
         if args.dry_run:
-            from train.dry_run import dry_run
+            from ediffi_jax.training.dry_run import dry_run
 
             return dry_run(config, devices=args.devices, device_memory_gib=args.device_memory_gib)
         train(config, args.workdir, changes=args.change,
@@ -68,7 +69,7 @@ def exit_after_failed_save(error: Exception) -> None:
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that steer a resume (train/resume.py); `python -m train.branch` takes them too."""
+    """The flags that steer a resume (ediffi_jax/training/resume.py); `python -m train.branch` takes them too."""
     parser.add_argument("--change", action="append", default=[], metavar="KEY",
                         help="on resume, take a new value of this optimisation setting (e.g. "
                         "train.lr); without it a changed value is an error (repeatable)")

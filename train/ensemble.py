@@ -8,25 +8,9 @@ gap or overlap, then writes {"experts": [...]} with paths relative to the file (
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-
-def write_ensemble(out: str, workdirs: list[str]) -> None:
-    from sample.generate import load_ensemble
-
-    base = os.path.dirname(os.path.abspath(out))
-    rel = [os.path.relpath(os.path.abspath(w), base) for w in workdirs]
-    tmp = f"{out}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"experts": rel}, f, indent=1)
-    try:
-        load_ensemble(tmp)  # validates: readable checkpoints, one architecture, a tiling layout
-    except Exception:
-        os.remove(tmp)
-        raise
-    os.replace(tmp, out)
+from ediffi_jax.runs.store import write_ensemble
 
 
 def main(argv=None) -> int:

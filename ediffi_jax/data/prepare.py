@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ediffi_jax.data.records import write_records
+from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -388,8 +389,6 @@ def emoji_splits(args: argparse.Namespace) -> list[Split]:
 def shapes_splits(args: argparse.Namespace) -> list[Split]:
     """`--limit` train examples (default 10,000) and a tenth as many test ones from seed + 1."""
     import dataclasses
-
-    from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
 
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.resolution:

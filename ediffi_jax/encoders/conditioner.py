@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediffi_jax.config import ConfigError
 from ediffi_jax.encoders import clip, hf, t5
 from ediffi_jax.encoders.tokenizers import clip_tokenizer, load_tokenizer, tokenize
 from ediffi_jax.encoders.toy import WordEncoder
 from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.paint.masks import TokenStream
+from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,6 @@ def _load_tower(directory, config_cls, module_cls, hf_names, example_args, dtype
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(cfg))["params"])
     shardings = None
     if mesh is not None:
-        from ediffi_jax.parallel.mesh import logical_shardings
-
         shardings = logical_shardings(boxed, mesh)
     params = hf.load(directory, hf_names(cfg), nn.meta.unbox(boxed), shardings)
     if shardings is None:
@@ -102,8 +103,6 @@ class PretrainedEncoder:
     """T5 + CLIP text + CLIP vision, each optional, sized for one U-Net config."""
 
     def __init__(self, cfg: EncodersConfig, model, mesh=None, vocabulary=None):
-        from ediffi_jax.config import ConfigError
-
         self.model, self.mesh = model, mesh
         self.t5 = load_t5(cfg.t5, cfg.dtype, mesh) if cfg.t5 else None
         self.clip_text = load_clip_text(cfg.clip_text, cfg.dtype, mesh) if cfg.clip_text else None
@@ -135,7 +134,6 @@ class PretrainedEncoder:
     def _shard(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from ediffi_jax.parallel.mesh import batch_sharding
 
         return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
 
@@ -146,7 +144,6 @@ class PretrainedEncoder:
         length (0.23x at 32 of 128 tokens for T5-small, benchmarks/t5_encode.py)."""
         vocab = tower.config.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):  # the lookup would give NaN
-            from ediffi_jax.config import ConfigError
 
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             raise ConfigError(f"token id {bad} is outside the vocabulary of {tower.directory} "
@@ -190,8 +187,6 @@ class PretrainedEncoder:
     def token_streams(self, prompt: str):
         """The prompt's tokens in each present stream, with their context offsets (T5 tokens
         first, then CLIP's), as `encode` feeds them (paint-with-words maps phrases onto them)."""
-        from ediffi_jax.paint.masks import TokenStream
-
         if self.words is not None:
             return self.words.token_streams(prompt)
         m, out = self.model, []
@@ -206,8 +201,6 @@ class PretrainedEncoder:
         return out
 
     def phrase_tokens(self, stream: str, phrase: str):
-        from ediffi_jax.paint.masks import TokenStream
-
         if self.words is not None:
             return self.words.phrase_tokens(stream, phrase)
         tok = self.t5_tokenizer if stream == "t5" else self.clip_tokenizer
@@ -217,8 +210,6 @@ class PretrainedEncoder:
     def encode_images(self, images) -> np.ndarray:
         """[N, clip_image_dim] projected CLIP image embeddings of style images."""
         if self.clip_vision is None:
-            from ediffi_jax.config import ConfigError
-
             raise ConfigError("a style image needs a CLIP vision tower: set encoders.clip_vision")
         pixels = clip.preprocess_images(images, self.clip_vision.config.image_size)
         _, _, projected = self.clip_vision.apply(self.clip_vision.params, self._shard(pixels))

@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from ediffi_jax.atomic import atomic_directory
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -175,8 +176,6 @@ def save(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
     """Write config.json + model.safetensors (+ files such as the tokenizer's), atomically:
     a temporary directory renamed into place."""
     from safetensors.numpy import save_file
-
-    from ediffi_jax.atomic import atomic_directory
 
     with atomic_directory(directory) as tmp:
         save_file(dict(tensors), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

@@ -20,6 +20,8 @@ import sys
 import tempfile
 
 import numpy as np
+from ediffi_jax.encoders import clip, hf, t5
+from ediffi_jax.encoders.tokenizers import _quiet_transformers, clip_tokenizer
 
 # The words of the built-in datasets' captions plus common English, for the tokenizer to learn.
 _CORPUS_WORDS = (
@@ -77,9 +79,6 @@ def write_t5(out: str, width: int = 32, layers: int = 2, heads: int = 4, seed: i
     import jax
     import jax.numpy as jnp
 
-    from ediffi_jax.encoders import hf, t5
-    from ediffi_jax.encoders.tokenizers import _quiet_transformers
-
     _quiet_transformers()
     from transformers import T5Tokenizer
 
@@ -110,9 +109,6 @@ def write_clip(out: str, width: int = 32, layers: int = 2, heads: int = 4, proje
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-
-    from ediffi_jax.encoders import clip, hf
-    from ediffi_jax.encoders.tokenizers import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,

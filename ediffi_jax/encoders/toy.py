@@ -22,7 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ediffi_jax.config import ConfigError
 from ediffi_jax.models.conditioning import Conditioning
+from ediffi_jax.paint.masks import TokenStream
 
 _WORD = re.compile(r"[a-z0-9]+")
 log = logging.getLogger(__name__)
@@ -94,24 +96,18 @@ class WordEncoder:
 
     def token_streams(self, prompt: str):
         """The prompt's words as the T5-like and CLIP-like streams see them (paint-with-words)."""
-        from ediffi_jax.paint.masks import TokenStream
-
         words = tuple(caption_words(prompt))
         return [TokenStream("t5", 0, words[: self.t5_length], words[: self.t5_length]),
                 TokenStream("clip", self.t5_length, words[: self.clip_length],
                             words[: self.clip_length])]
 
     def phrase_tokens(self, stream: str, phrase: str):
-        from ediffi_jax.paint.masks import TokenStream
-
         words = tuple(caption_words(phrase))
         return TokenStream(stream, 0, words, words)
 
     def encode(self, captions: Sequence[str], images=None) -> Conditioning:
         """Captions -> Conditioning (numpy arrays; the CLIP image embedding is zeros)."""
         if images is not None:
-            from ediffi_jax.config import ConfigError
-
             raise ConfigError("style images need a CLIP vision tower: the built-in word "
                               "embeddings have none (set encoders.clip_vision)")
         t5, t5m, clip, clipm, pooled = [], [], [], [], []

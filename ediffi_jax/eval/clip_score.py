@@ -24,6 +24,8 @@ import numpy as np
 
 from ediffi_jax.encoders.clip import preprocess_images
 from ediffi_jax.encoders.conditioner import load_clip_text, load_clip_vision
+from ediffi_jax.encoders.tokenizers import clip_tokenizer, tokenize
+from ediffi_jax.parallel.mesh import batch_sharding
 
 SCALE = 100.0  # torchmetrics' weight w (Hessel et al. use 2.5)
 
@@ -71,8 +73,6 @@ class CLIPScorer:
 
     @functools.cached_property
     def tokenizer(self):
-        from ediffi_jax.encoders.tokenizers import clip_tokenizer
-
         return clip_tokenizer(self.text_dir)
 
     def _batched(self, fn, params, *arrays) -> np.ndarray:
@@ -93,7 +93,6 @@ class CLIPScorer:
     def _place(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from ediffi_jax.parallel.mesh import batch_sharding
 
         return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
 
@@ -109,8 +108,6 @@ class CLIPScorer:
     def text_embeddings(self, captions: Sequence[str]) -> np.ndarray:
         """Unit text embeddings [N, P] of captions (tokenized to the tower's positions;
         longer captions are truncated with a warning, as torchmetrics does)."""
-        from ediffi_jax.encoders.tokenizers import tokenize
-
         ids, mask = tokenize(self.tokenizer, list(captions),
                              self.text.config.max_position_embeddings, "CLIP-score caption")
         return self.text_embeddings_from_ids(ids, mask)

@@ -30,34 +30,21 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ediffi_jax.atomic import write_atomically
+from ediffi_jax.data.records import RecordSource
+from ediffi_jax.data.shapes import caption_accuracy, parse_caption
+from ediffi_jax.diffusion.sampling import PlanRunner
+from ediffi_jax.eval.fid import extract_features, fid, load_images, statistics
+from ediffi_jax.eval.fidelity import prompt_fidelity
+from ediffi_jax.eval.inception import load_params
+from ediffi_jax.models.experts import unet_denoise_fn
+from ediffi_jax.models.unet import UNet
+from ediffi_jax.pipeline.generate import generate, sampling_conditioner
+from ediffi_jax.runs.data import held_out_shapes
 
 Features = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, 3] -> float [N, D]
-HELD_OUT_SEED_OFFSET = 1000  # the held-out shapes split: training's seed + 1000
 
 
 # ----------------------------------------------------------------------------- data
-
-def shapes_config(run):
-    """The run's built-in shapes data (its data.shapes section); a run trained on other data
-    is an error (its captions are not shapes captions)."""
-    from ediffi_jax.config import ConfigError, section, to_dict
-    from ediffi_jax.data.shapes import ShapesConfig
-
-    if run.data.name != "shapes":
-        raise ConfigError(f"the run was trained on data.name={run.data.name!r}, not the "
-                          "built-in shapes")
-    return section(ShapesConfig, dict(to_dict(run.data.shapes) or {}), "data.shapes")
-
-
-def held_out_shapes(run):
-    """The shapes source of the held-out split (the run's data.shapes at the model's
-    resolution, its seed + 1000): what sample.evaluate grades and the sweep prompts with."""
-    from ediffi_jax.data.shapes import ShapesSource
-
-    train = shapes_config(run)
-    return ShapesSource(dataclasses.replace(train, resolution=run.stage.model.resolution,
-                                            seed=train.seed + HELD_OUT_SEED_OFFSET))
-
 
 def _rgb(image) -> np.ndarray:
     image = np.asarray(image)
@@ -73,8 +60,6 @@ def _rgb(image) -> np.ndarray:
 def records(path: str, num: int | None = None, field: str | None = "image") -> list:
     """`field` of the first `num` (default all) records of an ArrayRecord dataset prefix (the
     whole records with `field=None`)."""
-    from ediffi_jax.data.records import RecordSource
-
     source = RecordSource(path)
     num = len(source) if num is None else num
     if num > len(source):
@@ -88,8 +73,6 @@ def reference_images(path: str):
     """Images for reference statistics: a folder of images or an .npz (as ediffi_jax.eval.fid
     reads them, lazily for a folder), or an ArrayRecord dataset prefix (its `image` field, made
     RGB uint8 [N, H, W, 3])."""
-    from ediffi_jax.eval.fid import load_images
-
     if os.path.isdir(path) or path.endswith(".npz"):
         return load_images(path)
     return np.stack([_rgb(im) for im in records(path)])
@@ -98,16 +81,11 @@ def reference_images(path: str):
 def inception_features(weights: str | None = None, batch_size: int = 64) -> Features:
     """FID's Inception pool3 features with the installed (or given) weights, loaded now so that
     missing weights fail before any sampling."""
-    from ediffi_jax.eval.fid import extract_features
-    from ediffi_jax.eval.inception import load_params
-
     params = load_params(weights)
     return lambda images: extract_features(images, params, batch_size=batch_size)
 
 
 def reference_statistics(images, features: Features):
-    from ediffi_jax.eval.fid import statistics
-
     return statistics(features(images))
 
 
@@ -115,13 +93,9 @@ def reference_statistics(images, features: Features):
 
 def sample_images(run, ensemble, captions: Sequence[str], *, seed: int = 0, sampling=None,
                   batch: int = 64, runner=None, conditioner=None) -> np.ndarray:
-    """uint8 [N, H, W, 3]: caption i is example i of run `seed` (sample.generate.generate).
+    """uint8 [N, H, W, 3]: caption i is example i of run `seed` (ediffi_jax.pipeline.generate.generate).
     One runner and conditioner (made here unless given) serve every batch, and the last batch
     is padded with examples past N, discarded, so one compile serves all."""
-    from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.models.experts import unet_denoise_fn
-    from ediffi_jax.models.unet import UNet
-    from sample.generate import generate, sampling_conditioner
 
     runner = runner or PlanRunner(unet_denoise_fn(UNet(run.stage.model)))
     conditioner = conditioner or sampling_conditioner(run)
@@ -138,12 +112,24 @@ def sample_images(run, ensemble, captions: Sequence[str], *, seed: int = 0, samp
     return np.concatenate(out)
 
 
+def evaluate_shapes(run, ensemble, num: int = 256, seed: int = 0, sampling=None, batch: int = 64,
+                    progress=None):
+    """Rates of samples matching their caption (see ediffi_jax.data.shapes.caption_accuracy),
+    on the held-out split (ediffi_jax.runs.data.held_out_shapes). One sampler serves every
+    batch and the last is padded, so the plan compiles once. `progress(step, num_steps)`
+    hears of every sampler step (PlanRunner's)."""
+    source = held_out_shapes(run)
+    captions = [source[i]["caption"] for i in range(num)]
+    runner = PlanRunner(unet_denoise_fn(UNet(run.stage.model)), progress)
+    images = sample_images(run, ensemble, captions, seed=seed, sampling=sampling, batch=batch,
+                           runner=runner)
+    rates = caption_accuracy(images, [parse_caption(c) for c in captions])
+    return rates, images, captions
+
+
 def measure(images, captions: Sequence[str], ref_stats, features: Features, *,
             fidelity: bool = True, clip=None) -> dict:
     """`{"fid", "prompt_fidelity" (rates or None), "clip_score" (or None)}` of one sample set."""
-    from ediffi_jax.eval.fid import fid, statistics
-    from ediffi_jax.eval.fidelity import prompt_fidelity
-
     return {"fid": fid(statistics(features(images)), ref_stats),
             "prompt_fidelity": prompt_fidelity(images, captions) if fidelity else None,
             "clip_score": clip(images, captions) if clip is not None else None}
@@ -155,10 +141,6 @@ def run_sweep(run, ensemble, scales: Sequence[float], captions: Sequence[str], r
     """Sample `captions` at each guidance scale and measure each set. Returns (points: one dict
     per scale, in order, with `guidance_scale`, the `measure` fields and `seconds`; images:
     {scale: uint8 [N, H, W, 3]})."""
-    from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.models.experts import unet_denoise_fn
-    from ediffi_jax.models.unet import UNet
-    from sample.generate import sampling_conditioner
 
     sampling = sampling or run.stage.sampling
     # One runner and conditioner for every scale: the scale is data, so its loops compile once.
@@ -299,7 +281,8 @@ def main(argv=None, *, features: Features | None = None) -> int:
             if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
                 raise ValueError(f"--{name.replace('_', '-')} {target}: its folder does not exist")
         from ediffi_jax.eval import fid
-        from sample.generate import load_ensemble, sampling_with_overrides
+        from ediffi_jax.pipeline.generate import sampling_with_overrides
+        from ediffi_jax.runs.store import load_ensemble
 
         run, ensemble = load_ensemble(args.ensemble)
         sampling = sampling_with_overrides(run, [o.replace("--config.", "", 1) for o in overrides])
@@ -368,7 +351,6 @@ def main(argv=None, *, features: Features | None = None) -> int:
 
 
 def _all_shapes_captions(captions) -> bool:
-    from ediffi_jax.data.shapes import parse_caption
 
     try:
         for c in captions:

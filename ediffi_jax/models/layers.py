@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ediffi_jax.highres.disperse import disperse_kernel
 
 Dtype = Any
 
@@ -138,7 +139,6 @@ def redilated_conv(x, kernel, stride: int, setting: ConvSetting):
     if setting.dispersed:
         if kernel.shape[:2] != (3, 3):
             raise ValueError(f"dispersion applies to 3x3 kernels, got {kernel.shape[:2]}")
-        from ediffi_jax.highres.disperse import disperse_kernel
 
         kernel = disperse_kernel(kernel)
     if setting.scale == 1.0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from ediffi_jax.models.layers import resize_bilinear
 
 WEIGHTS = ("max", "std", "std_sq")
 
@@ -51,8 +52,6 @@ def sigma_factor(sigma, weight: str):
 
 def layer_masks(paint, height: int, width: int):
     """[B, Hm, Wm, L] token masks -> A [B, 1, h*w, L] at a layer's feature size."""
-    from ediffi_jax.models.layers import resize_bilinear
-
     a = resize_bilinear(paint.astype(jnp.float32), height, width)
     return a.reshape(a.shape[0], 1, height * width, a.shape[-1])
 

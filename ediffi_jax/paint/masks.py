@@ -20,6 +20,7 @@ import re
 from typing import Mapping, Sequence
 
 import numpy as np
+from ediffi_jax.config import read_json
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ def from_color_map(image, mapping: Mapping[str, str], height: int, width: int) -
 
 
 def read_words(path: str) -> dict[str, str]:
-    from ediffi_jax.config import read_json
-
     mapping = read_json(path, "the paint words file")
     if not isinstance(mapping, dict):
         raise PaintError(f"{path}: expected a JSON object mapping colours to 'phrase,strength'")

@@ -29,9 +29,10 @@ from ediffi_jax.info import cost_of
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.host import configure_cpu_host
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
-from train.checkpoint import abstract_like
-from train.step import init_state, make_optimizer, state_shardings, train_step
-from train.trainer import check_layout, check_stage_sizes, image_resolution, parse_run, run_mesh
+from ediffi_jax.runs.checkpoint import abstract_like
+from ediffi_jax.runs.spec import check_stage_sizes, image_resolution, parse_run
+from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
+from ediffi_jax.training.trainer import check_layout, run_mesh
 
 GIB = 2**30
 NOT_FIT = 3  # CLI exit status when the layout does not fit
@@ -185,7 +186,7 @@ class PlannedStep:
 
 
 def plan_step(config, devices: int | None = None) -> PlannedStep:
-    """The run's train step as the trainer builds it (train.trainer.train), on abstract inputs.
+    """The run's train step as the trainer builds it (ediffi_jax.training.trainer.train), on abstract inputs.
     A mesh or batch that does not fit the devices raises ConfigError before anything compiles."""
     run = parse_run(config)
     tcfg, model = run.train, run.stage.model

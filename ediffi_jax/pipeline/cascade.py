@@ -33,9 +33,11 @@ from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet
-from sample.generate import (denoise_batch, expert_workdirs, load_ensemble, run_config,
-                             sample_settings, to_uint8, training_vocabulary)
-from train.trainer import RunSpec, image_resolution, parse_run
+from ediffi_jax.parallel.mesh import batch_sharding, replicated
+from ediffi_jax.pipeline.generate import denoise_batch, sample_settings, to_uint8
+from ediffi_jax.runs.data import training_vocabulary
+from ediffi_jax.runs.spec import RunSpec, image_resolution, parse_run
+from ediffi_jax.runs.store import expert_workdirs, load_ensemble, run_config
 
 STAGE_KEYS = ("ensemble", "sampling", "paint", "style")
 
@@ -151,7 +153,6 @@ class CascadeSampler:
                  progress=None):
         check_chain(stages, from_images)
         if mesh is not None:  # params replicated beside the sharded batch
-            from ediffi_jax.parallel.mesh import replicated
 
             stages = [dataclasses.replace(s, ensemble=ExpertEnsemble(
                 s.ensemble.intervals, jax.device_put(s.ensemble.params, replicated(mesh))))
@@ -178,8 +179,6 @@ class CascadeSampler:
         return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def _sharding(self, ndim: int = 1):
-        from ediffi_jax.parallel.mesh import batch_sharding
-
         return None if self.mesh is None else batch_sharding(self.mesh, ndim)
 
     def _place(self, tree):

@@ -8,10 +8,8 @@ trained on the whole interval is an ensemble of one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
-from fractions import Fraction
 from typing import Sequence
 
 import jax
@@ -19,8 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ediffi_jax.config import ConfigError, apply_override, read_json, section
-from ediffi_jax.diffusion.intervals import ExpertInterval
+from ediffi_jax.config import ConfigError, apply_override, section
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
@@ -29,83 +26,13 @@ from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
 from ediffi_jax.paint.bias import PaintSettings
 from ediffi_jax.paint.masks import paint_conditioning
-from train.checkpoint import open_run
-from train.trainer import RunSpec, load_params, parse_run
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (saved in its newest checkpoint, or an export's)."""
-    from train.export import is_export, read_config
-
-    if is_export(workdir):
-        return ml_collections.ConfigDict(read_config(workdir))
-    ckpt, steps = open_run(workdir)  # creates nothing
-    try:
-        return ml_collections.ConfigDict(ckpt.restore_config(steps[-1]))
-    finally:
-        ckpt.close()
-
-
-def expert_workdirs(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return [path]
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: give an ensemble.json, a run's workdir or an "
-                          "export")
-    spec = read_json(path, "the ensemble file")
-    experts = spec.get("experts") if isinstance(spec, dict) else None
-    if not experts or not isinstance(experts, list) or not all(isinstance(p, str) for p in experts):
-        raise ConfigError(f"{path}: expected {{\"experts\": [workdir, ...]}}")
-    base = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(base, p) for p in experts]
-
-
-def training_vocabulary(run: RunSpec) -> frozenset[str] | None:
-    """The words of every caption the run's data can make, for the word encoder's warnings:
-    the built-in shapes data's are fixed by its colour, shape, size and position lists (every
-    caption of each count is made once); None for ArrayRecord data (only a pass over every
-    record would tell)."""
-    if run.data.name != "shapes":
-        return None
-    from ediffi_jax.data.shapes import REGIONS, make_caption
-    from ediffi_jax.encoders.toy import caption_words
-    from ediffi_jax.eval.sweep import shapes_config
-
-    cfg = shapes_config(run)
-    # A mixed scene joins one single-object caption per object with "and".
-    counts = (1,) if cfg.mixed else range(cfg.min_objects, cfg.max_objects + 1)
-    words = {"and"} if cfg.mixed and cfg.max_objects > 1 else set()
-    for colour in cfg.colours:
-        for shape in cfg.shapes:
-            for size in cfg.sizes:
-                for n in counts:
-                    for r in range(len(REGIONS)):  # every cell starts some set of n cells
-                        cells = [REGIONS[(r + k) % len(REGIONS)] for k in range(n)]
-                        words.update(caption_words(make_caption(colour, shape, size, cells,
-                                                                cfg.caption_style)))
-    return frozenset(words)
+from ediffi_jax.runs.data import training_vocabulary
+from ediffi_jax.runs.spec import RunSpec
 
 
 def sampling_conditioner(run: RunSpec, mesh=None):
     """The run's conditioner, told the training vocabulary (its `check_words` warns)."""
     return make_conditioner(run.encoders, run.stage.model, mesh, training_vocabulary(run))
-
-
-def load_ensemble(path: str, step: int | None = None, ema: bool = True) -> tuple[RunSpec, ExpertEnsemble]:
-    """Experts ordered by noise, their EMA params, and the run spec of the first expert."""
-    experts = []
-    for workdir in expert_workdirs(path):
-        run = parse_run(run_config(workdir))
-        params, ema_params, s = load_params(workdir, step=step)
-        q_lo, q_hi = (Fraction(q) for q in run.train.sigma_quantiles)
-        experts.append((q_lo, ExpertInterval(q_lo, q_hi, os.path.basename(workdir.rstrip("/"))),
-                        ema_params if ema else params, run))
-    experts.sort(key=lambda e: e[0])
-    models = {e[3].stage.model for e in experts}
-    if len(models) != 1:
-        raise ConfigError(f"the experts of {path} have different U-Net configs; they must share one")
-    ensemble = ExpertEnsemble([e[1] for e in experts], [e[2] for e in experts])
-    return experts[0][3], ensemble
 
 
 def to_uint8(images) -> np.ndarray:

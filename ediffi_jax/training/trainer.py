@@ -9,114 +9,43 @@ same randomness, so an interrupted run continues exactly as an uninterrupted one
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from ediffi_jax.config import ConfigError, section, to_dict
 from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
 from ediffi_jax.diffusion.edm import LogNormalSigma
-from ediffi_jax.encoders.conditioner import EncodersConfig, make_conditioner
+from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.models.conditioning import FIELDS, Conditioning
-from ediffi_jax.models.unet import UNet, abstract_params, boxed_init
+from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
-from ediffi_jax.spec import StageSpec, parse_config
-from train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like, open_run
-from train.lock import WorkdirLock
-from train.resume import check_changes, check_resume, truncate_metrics
-from train.step import (TrainConfig, TrainState, all_finite, init_state, learning_rate,
-                        make_optimizer, state_shardings, train_step)
-from train.tensorboard import SummaryWriter, truncate_events
+from ediffi_jax.runs.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
+from ediffi_jax.runs.spec import DataConfig, RunSpec, check_stage_sizes, image_resolution, parse_run
+from ediffi_jax.training.lock import WorkdirLock
+from ediffi_jax.training.resume import check_changes, check_resume, truncate_metrics
+from ediffi_jax.training.step import (TrainState, all_finite, init_state, learning_rate,
+                                      make_optimizer, state_shardings, train_step)
+from ediffi_jax.data.embeddings import ConditioningLayout, UnpackConditioning
+from ediffi_jax.data.records import RecordSource
+from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
+from ediffi_jax.data.stage import DegradeConfig, StageExample
+from ediffi_jax.parallel.distributed import DistributedConfig, initialize
+from ediffi_jax.runs.store import is_export, load_params
+from ediffi_jax.training.tensorboard import SummaryWriter, truncate_events
 
-DATASETS = ("shapes", "records")
 SIGMA_BUCKETS = (0.125, 0.5, 0.875)  # log-normal quantiles splitting the per-bucket loss
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The `data` config section: the built-in procedural `shapes`, or ArrayRecords at `path`
-    (written by `python -m ediffi_jax.data.prepare`)."""
-
-    name: str = "shapes"
-    path: str = ""
-    shapes: Any = None  # ShapesConfig fields, for name == "shapes"
-    # The whole training image's side (0: model.resolution); images of another size are resized
-    # to it. Larger than model.resolution: patch training on random model.resolution crops.
-    resolution: int = 0
-    degrade: Any = None  # DegradeConfig fields (data/stage.py): an SR stage's low-res input
-
-    def __post_init__(self):
-        if self.name not in DATASETS:
-            raise ValueError(f"data.name must be one of {DATASETS}, got {self.name!r}")
-        if self.name == "records" and not self.path:
-            raise ValueError("data.path must name an ArrayRecord dataset when data.name is 'records'")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    shape: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 fills the rest
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    stage: StageSpec
-    train: TrainConfig
-    mesh: MeshConfig
-    data: DataConfig
-    encoders: EncodersConfig
-
-
-def run_schema() -> dict[str, type]:
-    """The dataclass of each config section a training run reads (see config.load_config)."""
-    from ediffi_jax.diffusion.plan import SamplingConfig
-    from ediffi_jax.models.unet import UNetConfig
-    from ediffi_jax.parallel.distributed import DistributedConfig
-
-    return {"model": UNetConfig, "sampling": SamplingConfig, "train": TrainConfig,
-            "mesh": MeshConfig, "data": DataConfig, "distributed": DistributedConfig,
-            "encoders": EncodersConfig}
-
-
-def parse_run(config) -> RunSpec:
-    stage = parse_config(config)
-    return RunSpec(
-        stage=stage,
-        train=section(TrainConfig, config.get("train"), "train"),
-        mesh=section(MeshConfig, config.get("mesh"), "mesh"),
-        data=section(DataConfig, config.get("data"), "data"),
-        encoders=section(EncodersConfig, config.get("encoders"), "encoders"),
-    )
-
-
-def image_resolution(run: RunSpec) -> int:
-    """The side of a whole training image (the model trains on patches of it when larger)."""
-    return run.data.resolution or run.stage.model.resolution
-
-
-def check_stage_sizes(run: RunSpec) -> None:
-    """The whole image, the patch and the low-res input must nest."""
-    model, full = run.stage.model, image_resolution(run)
-    if full < model.resolution:
-        raise ConfigError(f"data.resolution {full} is smaller than model.resolution "
-                          f"{model.resolution}, the size the model trains on")
-    if model.lowres_scale and full % model.lowres_scale:
-        raise ConfigError(f"data.resolution {full} does not divide by model.lowres_scale "
-                          f"{model.lowres_scale}")
 
 
 def stage_transform(run: RunSpec, source):
     """The pipeline transform that gives each example at the stage's sizes (data/stage.py), or
     None when the source's images already are what the model trains on."""
-    from ediffi_jax.data.stage import DegradeConfig, StageExample
-
     model, full = run.stage.model, image_resolution(run)
     degrade = section(DegradeConfig, run.data.degrade, "data.degrade")
     side = np.asarray(source[0]["image"]).shape[0]
@@ -127,12 +56,9 @@ def stage_transform(run: RunSpec, source):
 
 def build_source(data: DataConfig, resolution: int):
     if data.name == "shapes":
-        from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
-
         fields = dict(to_dict(data.shapes) or {})
         fields.setdefault("resolution", resolution)
         return ShapesSource(section(ShapesConfig, fields, "data.shapes"))
-    from ediffi_jax.data.records import RecordSource
 
     return RecordSource(data.path)
 
@@ -152,8 +78,6 @@ def check_layout(run: RunSpec, mesh) -> None:
 def conditioning_source(run: RunSpec, source):
     """(pipeline transform, encoder): records with precomputed conditioning are unpacked in the
     pipeline (no encoder runs); otherwise the run's encoders encode each batch's captions."""
-    from ediffi_jax.data.embeddings import ConditioningLayout, UnpackConditioning
-
     stored = getattr(source, "metadata", {}).get("conditioning")
     if not stored:
         return None, make_conditioner(run.encoders, run.stage.model)
@@ -198,32 +122,6 @@ class _Batches:
         return arrays
 
 
-def load_params(workdir: str, shardings=None, step: int | None = None):
-    """(params, ema_params, step) of a run's newest (or given) checkpoint, on this host's devices
-    whatever the topology it was saved with: placed with `shardings` when given, else on the
-    first device. An export (`train.export`) gives its weights as both params and EMA. A
-    missing run is an error that creates nothing."""
-    from jax.sharding import SingleDeviceSharding
-
-    from train.export import is_export, read_config, read_params
-
-    if is_export(workdir):
-        model = parse_run(ml_collections.ConfigDict(read_config(workdir))).stage.model
-        weights, saved = read_params(workdir, abstract_params(model))
-        place = shardings if shardings is not None else SingleDeviceSharding(jax.local_devices()[0])
-        # Two device copies: params and EMA are separate buffers of a (donated) train state.
-        return jax.device_put(weights, place), jax.device_put(weights, place), saved
-    ckpt, steps = open_run(workdir)
-    try:
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ConfigError(f"{workdir} has no checkpoint of step {step} (it has {steps})")
-        params, ema = ckpt.restore_params(step, shardings)
-    finally:
-        ckpt.close()
-    return params, ema, step
-
-
 def _bucket_losses(losses: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
     edges = [float(LogNormalSigma().sigma_at_quantile(q)) for q in SIGMA_BUCKETS]
     bins = np.digitize(sigmas, edges)
@@ -253,8 +151,6 @@ def run_mesh(run: RunSpec, devices=None):
 
 def check_parent(init_from: str) -> None:
     """A branched child's parent must exist before the child's workdir is made."""
-    from train.export import is_export
-
     if not (is_export(init_from) or os.path.isdir(os.path.join(init_from, "checkpoints"))):
         raise ConfigError(f"train.init_from {init_from!r} is neither a run's workdir with "
                           "checkpoints nor an export")
@@ -264,12 +160,11 @@ def train(config, workdir: str, *, changes: Sequence[str] = (), restart_if_unrea
           log=functools.partial(print, flush=True)) -> TrainState:
     """Train (or resume) the run described by `config` in `workdir`. Returns the final state.
 
-    Resuming compares the saved config with `config` (train/resume.py): what identifies the
+    Resuming compares the saved config with `config` (ediffi_jax/training/resume.py): what identifies the
     run may not change, optimisation settings only when named in `changes`. If every
     checkpoint of the workdir is damaged, the run stops unless `restart_if_unreadable`."""
     run = parse_run(config)
     # Multi-host: join the job before anything touches a jax backend (mesh, pipeline, orbax).
-    from ediffi_jax.parallel.distributed import DistributedConfig, initialize
 
     initialize(section(DistributedConfig, config.get("distributed"), "distributed"), log=log)
     mesh = run_mesh(run)
