@@ -111,7 +111,8 @@ def sample_job(batch: int) -> dict:
     from ediffi_jax.config import load_config
     from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
+    from ediffi_jax.models.experts import ExpertEnsemble
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet, init_params
     from ediffi_jax.parallel.mesh import batch_sharding, make_mesh
     from ediffi_jax.pipeline.generate import denoise_batch, sampling_plan

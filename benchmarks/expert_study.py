@@ -257,7 +257,7 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.eval.sweep import sample_images
-    from ediffi_jax.models.experts import unet_denoise_fn
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
     from ediffi_jax.runs.store import load_ensemble
 
@@ -295,7 +295,7 @@ def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8
     from ediffi_jax.diffusion import edm
     from ediffi_jax.diffusion.plan import SegmentSettings
     from ediffi_jax.encoders.conditioner import make_conditioner
-    from ediffi_jax.models.experts import unet_denoise_fn
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
     from ediffi_jax.runs.store import load_ensemble
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ediffi_jax.diffusion.sampling import PlanRunner
-from ediffi_jax.highres.disperse import dispersion_matrix, structure_equations
-from ediffi_jax.highres.plans import HighResConfig, HighResPlan, preset
-from ediffi_jax.models.experts import unet_denoise_fn
+from ediffi_jax.highres.disperse import DISPERSED, dispersion_matrix, structure_equations
+from ediffi_jax.highres.plans import HighResConfig, HighResPlan, conv_setting_for_factor, preset
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.layers import ConvSetting, conv2d, redilated_conv
 from ediffi_jax.models.unet import UNet, abstract_params, conv3x3_levels, conv_layer_paths
 from tests.tiny import tiny_conditioning, tiny_params, tiny_unet_config
@@ -44,18 +44,18 @@ def np_conv_same(x, k, d):
 
 
 def test_integer_factor_is_plain_dilation():
-    assert ConvSetting.for_factor(2.0) == ConvSetting(dilation=2)
-    assert ConvSetting.for_factor(3) == ConvSetting(dilation=3)
+    assert conv_setting_for_factor(2.0) == ConvSetting(dilation=2)
+    assert conv_setting_for_factor(3) == ConvSetting(dilation=3)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 12, 12, 3)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
-    np.testing.assert_array_equal(redilated_conv(x, k, 1, ConvSetting.for_factor(2.0)),
+    np.testing.assert_array_equal(redilated_conv(x, k, 1, conv_setting_for_factor(2.0)),
                                   conv2d(x, k, dilation=2))
 
 
 @pytest.mark.parametrize("pf", [2.5, 1.5, 3.2])
 def test_fractional_redilation_matches_numpy(pf):
-    setting = ConvSetting.for_factor(pf)
+    setting = conv_setting_for_factor(pf)
     d = math.ceil(pf)
     assert setting.dilation == d and setting.scale == pytest.approx(d / pf)
     rng = np.random.default_rng(1)
@@ -116,8 +116,8 @@ def test_dispersed_conv_uses_the_5x5_kernel():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(1, 9, 9, 2)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
-    setting = ConvSetting.for_factor(4.0, dispersed=True)
-    assert setting == ConvSetting(dilation=2, dispersed=True)
+    setting = conv_setting_for_factor(4.0, dispersed=True)
+    assert setting == ConvSetting(dilation=2, kernel_map=DISPERSED)
     np.testing.assert_allclose(redilated_conv(x, k, 1, setting),
                                np_conv_same(np.asarray(x), np.asarray(disperse_kernel(k)), 2),
                                atol=1e-4)

@@ -50,3 +50,17 @@ def test_the_library_imports_its_own_modules_at_module_level():
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ediffi_jax"):
                     late.append(f"{path.relative_to(ROOT)}:{node.lineno} ({fn.name})")
     assert not late, f"function-local ediffi_jax imports: {late}"
+
+
+def test_the_network_knows_neither_the_sampler_nor_its_features():
+    """models/ gets conv settings, an attention bias and sigma as data; what a sampler, a plan,
+    paint-with-words or ScaleCrafter is stays outside it."""
+    wrong = []
+    for path in sorted((ROOT / "ediffi_jax" / "models").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith((
+                    "ediffi_jax.diffusion.plan", "ediffi_jax.diffusion.sampling",
+                    "ediffi_jax.paint", "ediffi_jax.highres", "ediffi_jax.pipeline",
+                    "ediffi_jax.training", "ediffi_jax.runs")):
+                wrong.append(f"{path.relative_to(ROOT)}: {node.module}")
+    assert not wrong, wrong

@@ -5,7 +5,7 @@ import pytest
 
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
-from ediffi_jax.models.experts import unet_denoise_fn
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from tests.tiny import tiny_conditioning, tiny_params, tiny_unet_config
 

@@ -18,6 +18,8 @@ import functools
 
 import numpy as np
 
+from ediffi_jax.models.layers import KernelMap
+
 
 def bilinear_upsample_matrix(n: int, scale: int = 2) -> np.ndarray:
     """[m, n] 1-D align-corners linear interpolation, m = scale * (n - 1) + 1."""
@@ -83,10 +85,11 @@ def dispersion_matrix(small: int = 3, large: int = 5, n: int = 3, scale: int = 2
 
 def disperse_kernel(kernel, r: np.ndarray | None = None):
     """HWIO 3x3 kernel -> HWIO 5x5 dispersed kernel (works on numpy and jax arrays)."""
-    import jax.numpy as jnp
+    return (DISPERSED if r is None else dispersion_map(r))(kernel)
 
-    r = dispersion_matrix() if r is None else r
-    kh, kw, cin, cout = kernel.shape
-    big = int(round(np.sqrt(r.shape[0])))
-    flat = kernel.reshape(kh * kw, cin, cout)
-    return jnp.einsum("ts,sio->tio", jnp.asarray(r, kernel.dtype), flat).reshape(big, big, cin, cout)
+
+def dispersion_map(r: np.ndarray) -> KernelMap:
+    return KernelMap("dispersed", tuple(tuple(float(v) for v in row) for row in np.asarray(r)))
+
+
+DISPERSED = dispersion_map(dispersion_matrix())  # the conv setting's kernel map (3x3 -> 5x5)

@@ -24,10 +24,25 @@ from typing import Mapping
 
 import numpy as np
 
+from ediffi_jax.highres.disperse import DISPERSED
 from ediffi_jax.models.layers import ConvSetting
 
 METHODS = ("none", "scalecrafter")
 MIN_FACTOR = 1.25  # the least side factor the preset re-dilates for (below: direct sampling)
+
+
+def conv_setting_for_factor(pf: float, dispersed: bool = False) -> ConvSetting:
+    """The setting that widens a 3x3 conv's perception field by `pf` (ScaleCrafter):
+    d = ceil(pf), s = d / pf. A dispersed 5x5 kernel already spans twice the field, so it
+    takes half the factor."""
+    if dispersed:
+        pf = pf / 2
+    if not pf >= 1.0:
+        raise ValueError(f"perception-field factor {pf * (2 if dispersed else 1)} is below "
+                         f"{'2 (dispersed layers halve it)' if dispersed else '1'}")
+    d = math.ceil(pf - 1e-9)
+    return ConvSetting(dilation=d, scale=1.0 if d == pf else d / pf,
+                       kernel_map=DISPERSED if dispersed else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +98,7 @@ class HighResPlan:
             if self.progressive:
                 pf = min(pf, max(math.ceil(pf * (tau - i) / tau), 2))
             dispersed = with_dispersion and path in self.disperse and i < disperse_tau
-            setting = ConvSetting.for_factor(pf, dispersed=dispersed)
+            setting = conv_setting_for_factor(pf, dispersed=dispersed)
             if setting != ConvSetting():
                 out.append((path, setting))
         return tuple(out)

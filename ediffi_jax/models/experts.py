@@ -7,10 +7,7 @@ from typing import Any
 
 import jax
 
-from ediffi_jax.diffusion import edm
 from ediffi_jax.diffusion.intervals import ExpertInterval, validate_layout
-from ediffi_jax.diffusion.plan import SegmentSettings
-from ediffi_jax.models.unet import UNet, check_conv_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +37,3 @@ class ExpertEnsemble:
 
     def __len__(self) -> int:
         return len(self.params)
-
-
-def unet_denoise_fn(unet: UNet):
-    """denoise_fn(params, x, sigma, cond, settings) for PlanRunner: EDM-preconditioned U-Net with
-    the segment's static per-layer conv settings."""
-
-    def denoise_fn(params, x, sigma, cond, settings: SegmentSettings):
-        conv_settings = dict(settings.layers)
-        if conv_settings:
-            check_conv_settings(params, conv_settings)
-        network = lambda x_in, c_noise, cond: unet.apply(  # noqa: E731
-            {"params": params}, x_in, c_noise, cond, conv_settings=conv_settings,
-            paint=settings.paint,
-        )
-        return edm.denoise(network, x, sigma, cond)
-
-    return denoise_fn

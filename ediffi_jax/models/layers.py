@@ -1,5 +1,5 @@
-"""Layers shared by the U-Nets: every parameter carries logical axis names (parallel/rules.py maps
-them onto a mesh), normalisation statistics and softmax run in float32.
+"""Layers shared by the U-Nets: every parameter carries logical axis names (parallel/mesh.py's
+rules map them onto a mesh), normalisation statistics and softmax run in float32.
 
 `Conv` is the one place where a 3x3 convolution happens, so that ScaleCrafter-style plans can
 re-dilate any conv by its stable layer path (e.g. "down_1/res_0/conv1") without touching
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ediffi_jax.highres.disperse import disperse_kernel
+import numpy as np
 
 Dtype = Any
 
@@ -30,18 +30,43 @@ default_kernel_init = nn.initializers.lecun_normal()
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelMap:
+    """A fixed linear map of a conv kernel's taps, e.g. ScaleCrafter's 3x3 -> 5x5 dispersion
+    (highres/disperse.py makes it): matrix [out taps, in taps], held as nested tuples so a
+    ConvSetting stays hashable (a static jit argument)."""
+
+    name: str
+    matrix: tuple[tuple[float, ...], ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __call__(self, kernel):
+        """HWIO kernel -> HWIO kernel of the map's output size."""
+        r = np.asarray(self.matrix)
+        kh, kw, cin, cout = kernel.shape
+        if kh * kw != r.shape[1]:
+            raise ValueError(f"kernel map {self.name!r} takes {r.shape[1]} taps, the kernel "
+                             f"has {kh}x{kw}")
+        big = int(round(math.sqrt(r.shape[0])))
+        flat = kernel.reshape(kh * kw, cin, cout)
+        return jnp.einsum("ts,sio->tio", jnp.asarray(r, kernel.dtype), flat).reshape(
+            big, big, cin, cout)
+
+
+@dataclasses.dataclass(frozen=True)
 class ConvSetting:
     """Static per-layer conv behaviour at sampling time (ScaleCrafter's re-dilation).
 
     dilation: the kernel's dilation d. scale: fractional re-dilation resizes the input by s
     (bilinear, no antialias), convolves with dilation d and resizes the output back, so the
-    receptive field grows by d / s. dispersed: the 3x3 kernel is replaced by its 5x5 dispersed
-    version (highres/disperse.py) before the conv.
+    receptive field grows by d / s. kernel_map: the kernel is mapped before the conv (the
+    dispersed convolution's 3x3 -> 5x5 kernel).
     """
 
     dilation: int = 1
     scale: float = 1.0
-    dispersed: bool = False
+    kernel_map: KernelMap | None = None
 
     def __post_init__(self):
         if not (isinstance(self.dilation, int) and self.dilation >= 1):
@@ -51,20 +76,7 @@ class ConvSetting:
 
     def __str__(self) -> str:  # compact, for plan descriptions: d2, d3/s1.2, d2+dispersed
         scale = f"/s{self.scale:.3g}" if self.scale != 1.0 else ""
-        return f"d{self.dilation}{scale}{'+dispersed' if self.dispersed else ''}"
-
-    @classmethod
-    def for_factor(cls, pf: float, dispersed: bool = False) -> "ConvSetting":
-        """The setting that widens a 3x3 conv's perception field by `pf` (ScaleCrafter):
-        d = ceil(pf), s = d / pf. A dispersed 5x5 kernel already spans twice the field, so it
-        takes half the factor."""
-        if dispersed:
-            pf = pf / 2
-        if not pf >= 1.0:
-            raise ValueError(f"perception-field factor {pf * (2 if dispersed else 1)} is below "
-                             f"{'2 (dispersed layers halve it)' if dispersed else '1'}")
-        d = math.ceil(pf - 1e-9)
-        return cls(dilation=d, scale=1.0 if d == pf else d / pf, dispersed=dispersed)
+        return f"d{self.dilation}{scale}{f'+{self.kernel_map}' if self.kernel_map else ''}"
 
 
 DEFAULT_CONV = ConvSetting()
@@ -134,13 +146,10 @@ def upsample_nearest(x, factor: int = 2):
 
 
 def redilated_conv(x, kernel, stride: int, setting: ConvSetting):
-    """The conv under a ConvSetting: optional dispersed kernel, fractional resize around a
-    dilated conv (ScaleCrafter's f_k^d(h) = interp_{1/s}(interp_s(h) * dilate_d(k)))."""
-    if setting.dispersed:
-        if kernel.shape[:2] != (3, 3):
-            raise ValueError(f"dispersion applies to 3x3 kernels, got {kernel.shape[:2]}")
-
-        kernel = disperse_kernel(kernel)
+    """The conv under a ConvSetting: optional kernel map (dispersion), fractional resize around
+    a dilated conv (ScaleCrafter's f_k^d(h) = interp_{1/s}(interp_s(h) * dilate_d(k)))."""
+    if setting.kernel_map is not None:
+        kernel = setting.kernel_map(kernel)
     if setting.scale == 1.0:
         return conv2d(x, kernel, stride=stride, dilation=setting.dilation)
     _, h, w, _ = x.shape

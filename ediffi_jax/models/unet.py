@@ -11,16 +11,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
-from ediffi_jax.diffusion.edm import precondition_coefficients, sigma_of_c_noise
+from ediffi_jax.diffusion.edm import precondition_coefficients
 from ediffi_jax.models.conditioning import Conditioning
-from ediffi_jax.paint.bias import PaintSettings, bias_fn as paint_bias_fn
 from ediffi_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS, Conv, ConvSetting, ConvSettings, Dense, GroupNorm, attention,
     upsample_nearest,
@@ -261,8 +260,11 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, c_noise, cond: Conditioning, *, conv_settings: ConvSettings | None = None,
-                 paint: PaintSettings | None = None, train: bool = False):
-        """`paint`: the static paint-with-words settings, used when cond.paint holds masks."""
+                 cross_attention_bias: CrossAttentionBias | None = None, train: bool = False):
+        """`conv_settings`: static per-conv settings by layer path (ScaleCrafter's re-dilation).
+        `cross_attention_bias(block name)`: None, or bias(key_mask, height, width) -> (logits ->
+        additive bias) for that block's cross-attention (paint-with-words builds it from its
+        masks and the sampler's sigma, so the network needs to know neither)."""
         cfg = self.config
         dtype = cfg.compute_dtype
         levels = len(cfg.channel_mult)
@@ -286,55 +288,85 @@ class UNet(nn.Module):
         conv_settings = FrozenDict(conv_settings or {})
         res_cls = nn.remat(ResBlock, static_argnums=(3, 4)) if cfg.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
-        res = lambda ch, name: res_cls(ch, cfg.scale_shift_norm, cfg.dropout, dtype, name=name)  # noqa: E731
-        attn_block = lambda name: attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype,  # noqa: E731
-                                           cfg.self_attention, name=name)
-        painting = cond.paint is not None
-        if painting and paint is None:
-            raise ValueError("cond.paint holds paint-with-words masks but no PaintSettings given")
-        if painting:
-            sigma = sigma_of_c_noise(c_noise)
-
-        def attn(name):
-            block = attn_block(name)
-            if not (painting and paint.applies_to(name)):
-                return block
-            return lambda h, context, mask: block(h, context, mask, functools.partial(
-                paint_bias_fn, cond.paint, sigma, mask, weight=paint.weight))
         constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "act_channels"))  # noqa: E731
 
         h = Conv(cfg.channels, dtype=dtype, name="conv_in")(x.astype(dtype), conv_settings)
         skips = [h]
-        for lvl, mult in enumerate(cfg.channel_mult):
-            for i in range(cfg.blocks(lvl)):
-                h = res(cfg.channels * mult, f"down{lvl}_res{i}")(h, emb, conv_settings, train)
-                if lvl in cfg.attention_levels:
-                    h = attn(f"down{lvl}_attn{i}")(h, context, context_mask)
+        for layer in layer_layout(cfg):
+            if layer.kind == "res":
+                if layer.takes_skip:
+                    h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res_cls(layer.channels, cfg.scale_shift_norm, cfg.dropout, dtype,
+                            name=layer.name)(h, emb, conv_settings, train)
+            elif layer.kind == "attn":
+                block = attn_cls(cfg.attention_head_dim, cfg.attention_impl, dtype,
+                                 cfg.self_attention, name=layer.name)
+                bias = cross_attention_bias(layer.name) if cross_attention_bias else None
+                h = block(h, context, context_mask,
+                          None if bias is None else functools.partial(bias, context_mask))
+            elif layer.kind == "downsample":
+                h = Downsample(dtype, name=layer.name)(h, conv_settings)
+            else:
+                h = Upsample(dtype, name=layer.name)(h, conv_settings)
+            if layer.ends_block:
                 h = constrain(h)
+            if layer.gives_skip:
                 skips.append(h)
-            if lvl < levels - 1:
-                h = Downsample(dtype, name=f"down{lvl}_downsample")(h, conv_settings)
-                skips.append(h)
-
-        ch = h.shape[-1]
-        h = res(ch, "mid_res0")(h, emb, conv_settings, train)
-        h = attn("mid_attn")(h, context, context_mask)
-        h = res(ch, "mid_res1")(h, emb, conv_settings, train)
-
-        for lvl in reversed(range(levels)):
-            for i in range(cfg.blocks(lvl) + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res(cfg.channels * cfg.channel_mult[lvl], f"up{lvl}_res{i}")(
-                    h, emb, conv_settings, train)
-                if lvl in cfg.attention_levels:
-                    h = attn(f"up{lvl}_attn{i}")(h, context, context_mask)
-                h = constrain(h)
-            if lvl > 0:
-                h = Upsample(dtype, name=f"up{lvl}_upsample")(h, conv_settings)
 
         h = nn.silu(GroupNorm(dtype=dtype, name="out_norm")(h))
         out = Conv(cfg.out_channels, zero_init=True, dtype=dtype, name="conv_out")(h, conv_settings)
         return out.astype(jnp.float32)
+
+
+# bias(key_mask [B, L], height, width) -> (logits [B, heads, h*w, L] -> additive bias)
+CrossAttentionBias = Callable[[str], Callable | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One block of the U-Net between conv_in and conv_out, in call order.
+
+    kind: "res", "attn", "downsample" or "upsample"; level: the resolution level it runs at
+    (0: the input's); channels: a res block's output channels; takes_skip: an up-path res block
+    concatenates the newest skip first; ends_block: the activation is constrained to the
+    activation sharding after it; gives_skip: its output is kept for the up path."""
+
+    name: str
+    kind: str
+    level: int
+    channels: int = 0
+    takes_skip: bool = False
+    ends_block: bool = False
+    gives_skip: bool = False
+
+
+def layer_layout(config: UNetConfig) -> tuple[Layer, ...]:
+    """The U-Net's blocks in call order: the module builds itself from this list, and the layer
+    paths that ScaleCrafter's conv settings and paint-with-words' layer choice name
+    (`conv3x3_levels`, `attention_block_names`) are read from it, so the three cannot drift."""
+    levels, layers = len(config.channel_mult), []
+    attn = lambda name, lvl, **kw: [Layer(name, "attn", lvl, **kw)] if lvl in config.attention_levels else []  # noqa: E731
+    for lvl, mult in enumerate(config.channel_mult):
+        for i in range(config.blocks(lvl)):
+            with_attn = lvl in config.attention_levels
+            layers.append(Layer(f"down{lvl}_res{i}", "res", lvl, config.channels * mult,
+                                ends_block=not with_attn, gives_skip=not with_attn))
+            layers += attn(f"down{lvl}_attn{i}", lvl, ends_block=True, gives_skip=True)
+        if lvl < levels - 1:
+            layers.append(Layer(f"down{lvl}_downsample", "downsample", lvl, gives_skip=True))
+    deepest = config.channels * config.channel_mult[-1]
+    layers += [Layer("mid_res0", "res", levels - 1, deepest), Layer("mid_attn", "attn", levels - 1),
+               Layer("mid_res1", "res", levels - 1, deepest)]
+    for lvl in reversed(range(levels)):
+        for i in range(config.blocks(lvl) + 1):
+            with_attn = lvl in config.attention_levels
+            layers.append(Layer(f"up{lvl}_res{i}", "res", lvl,
+                                config.channels * config.channel_mult[lvl], takes_skip=True,
+                                ends_block=not with_attn))
+            layers += attn(f"up{lvl}_attn{i}", lvl, ends_block=True)
+        if lvl > 0:  # its conv runs at the finer level it upsamples to
+            layers.append(Layer(f"up{lvl}_upsample", "upsample", lvl - 1))
+    return tuple(layers)
 
 
 def conv_layer_paths(params: Mapping) -> tuple[str, ...]:
@@ -354,33 +386,19 @@ def conv_layer_paths(params: Mapping) -> tuple[str, ...]:
 
 def conv3x3_levels(config: UNetConfig) -> dict[str, int]:
     """Every 3x3 conv's path -> the level whose resolution it reads (0: the input resolution;
-    conv_in and conv_out are -1: the boundary, never re-dilated). 1x1 skips are not listed.
-    An upsampler's conv reads the finer level it upsamples to."""
-    levels = len(config.channel_mult)
+    conv_in and conv_out are -1: the boundary, never re-dilated). 1x1 skips are not listed."""
     out = {"conv_in": -1, "conv_out": -1}
-    for lvl in range(levels):
-        for i in range(config.blocks(lvl)):
-            out[f"down{lvl}_res{i}/conv1"] = out[f"down{lvl}_res{i}/conv2"] = lvl
-        if lvl < levels - 1:
-            out[f"down{lvl}_downsample/conv"] = lvl
-        for i in range(config.blocks(lvl) + 1):
-            out[f"up{lvl}_res{i}/conv1"] = out[f"up{lvl}_res{i}/conv2"] = lvl
-        if lvl > 0:
-            out[f"up{lvl}_upsample/conv"] = lvl - 1
-    for i in range(2):
-        out[f"mid_res{i}/conv1"] = out[f"mid_res{i}/conv2"] = levels - 1
+    for layer in layer_layout(config):
+        if layer.kind == "res":
+            out[f"{layer.name}/conv1"] = out[f"{layer.name}/conv2"] = layer.level
+        elif layer.kind in ("downsample", "upsample"):
+            out[f"{layer.name}/conv"] = layer.level
     return out
 
 
 def attention_block_names(config: UNetConfig) -> tuple[str, ...]:
     """The U-Net's attention blocks (self- then cross-attention), input to output."""
-    levels = len(config.channel_mult)
-    names = [f"down{lvl}_attn{i}" for lvl in range(levels) if lvl in config.attention_levels
-             for i in range(config.blocks(lvl))]
-    names.append("mid_attn")
-    names += [f"up{lvl}_attn{i}" for lvl in reversed(range(levels)) if lvl in config.attention_levels
-              for i in range(config.blocks(lvl) + 1)]
-    return tuple(names)
+    return tuple(layer.name for layer in layer_layout(config) if layer.kind == "attn")
 
 
 def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:

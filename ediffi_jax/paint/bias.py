@@ -76,3 +76,16 @@ def bias_fn(paint, sigma, key_mask, height: int, width: int, weight: str):
         return factor * stat * a
 
     return fn
+
+
+def cross_attention_bias(paint, sigma, settings: PaintSettings):
+    """The U-Net's `cross_attention_bias` for paint-with-words: for each attention block the
+    settings name, bias(key_mask, h, w) built from the token masks `paint` [B, Hm, Wm, L] and
+    the sampler's noise level `sigma` [B] (data, so one compile serves every step)."""
+    def for_block(name: str):
+        if not settings.applies_to(name):
+            return None
+        return lambda key_mask, height, width: bias_fn(paint, sigma, key_mask, height, width,
+                                                        settings.weight)
+
+    return for_block

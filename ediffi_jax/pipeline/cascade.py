@@ -31,7 +31,8 @@ from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
-from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
+from ediffi_jax.models.experts import ExpertEnsemble
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from ediffi_jax.parallel.mesh import batch_sharding, replicated
 from ediffi_jax.pipeline.generate import denoise_batch, sample_settings, to_uint8

@@ -22,7 +22,8 @@ from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
-from ediffi_jax.models.experts import ExpertEnsemble, unet_denoise_fn
+from ediffi_jax.models.experts import ExpertEnsemble
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
 from ediffi_jax.paint.bias import PaintSettings
 from ediffi_jax.paint.masks import paint_conditioning
