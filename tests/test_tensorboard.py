@@ -1,4 +1,6 @@
-"""The hand-rolled event writer produces files both an independent parser and TensorBoard accept."""
+"""The event files written through tensorboard's EventFileWriter: an independent parser (bitwise
+CRC32C, generic protobuf wire decoder) and TensorBoard's EventAccumulator read back what was
+logged, and truncate_events drops the steps past a resume point (and nothing else)."""
 import io
 import os
 import re
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ediffi_jax.training.tensorboard import SummaryWriter, crc32c, masked_crc32c
+from ediffi_jax.training.tensorboard import SummaryWriter, truncate_events
 
 # --- an independent reader: bitwise CRC, generic protobuf wire decoder ---------------------------
 
@@ -83,7 +85,7 @@ def read_events(path):
     events = []
     for record in read_records(path):
         ev = decode(record)
-        assert set(ev) <= {1, 2, 3, 5}
+        assert set(ev) <= {1, 2, 3, 5, 10}  # 10: source_metadata (the header's writer)
         (wall_time,) = struct.unpack("<d", ev[1][0])
         step = ev.get(2, [0])[0]
         step = step - (1 << 64) if step >= 1 << 63 else step
@@ -112,20 +114,15 @@ def f32(x):
 # --- tests ---------------------------------------------------------------------------------------
 
 
-def test_crc32c_vectors_and_both_code_paths():
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
-    assert masked_crc32c(b"") == 0xA282EAD8
-    assert masked_crc32c(b"123456789") == 0xC78AB0E5
-    rng = np.random.default_rng(0)
-    # Sizes straddle the switch to the vectorised lane path (16 KiB) and its 512-byte lanes.
-    for n in (1, 7, 511, 16383, 16384, 16385, 16384 + 512, 100_003):
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert crc32c(data) == ref_crc32c(data), n
-    data = rng.integers(0, 256, 120_000, dtype=np.uint8).tobytes()
-    start = time.perf_counter()
-    crc32c(data)
-    assert time.perf_counter() - start < 0.5
+def only_file(logdir) -> str:
+    (name,) = os.listdir(logdir)
+    return os.path.join(logdir, name)
+
+
+def test_reference_crc_is_crc32c():
+    # The independent reader's CRC, against the CRC32C check value and TFRecord's masked form.
+    assert ref_crc32c(b"123456789") == 0xE3069283 and ref_crc32c(b"") == 0
+    assert ref_masked(b"") == 0xA282EAD8 and ref_masked(b"123456789") == 0xC78AB0E5
 
 
 @pytest.fixture
@@ -148,8 +145,8 @@ def logged(tmp_path):
 
 def test_independent_reader_round_trip(logged):
     path, start, rgb, gray = logged
-    assert re.fullmatch(rf"events\.out\.tfevents\.\d+\.{re.escape(socket.gethostname())}\.v2",
-                        path.name)
+    assert re.fullmatch(rf"events\.out\.tfevents\.\d+\.{re.escape(socket.gethostname())}"
+                        rf"\.{os.getpid()}\.\d+\.v2", path.name)
     assert abs(int(path.name.split(".")[3]) - start) <= 2
     events = read_events(path)
     wall, _, version, values = events[0]
@@ -172,9 +169,6 @@ def test_independent_reader_round_trip(logged):
 
 def test_tensorboard_reads_it(logged):
     from tensorboard.backend.event_processing import event_accumulator as ea
-    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
-
-    assert pywrap_tensorflow.masked_crc32c(b"123456789") == masked_crc32c(b"123456789")
     path, _, rgb, _ = logged
     acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
     acc.Reload()
@@ -191,16 +185,57 @@ def test_tensorboard_reads_it(logged):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(img.encoded_image_string))), rgb)
 
 
-def test_buffered_until_flush(tmp_path):
+def test_flush_writes_everything_logged_and_close_is_final(tmp_path):
     w = SummaryWriter(str(tmp_path))
-    w.scalar("a", 1.0, 0)
-    assert len(read_records(w.path)) == 1  # only the file_version record is on disk
+    for step in range(50):
+        w.scalar("a", float(step), step)
     w.flush()
-    assert [e[3] for e in read_events(w.path)[1:]] == [[("a", 1.0)]]
+    path = only_file(tmp_path)
+    assert [(e[1], e[3]) for e in read_events(path)[1:]] == [(s, [("a", float(s))]) for s in range(50)]
     w.close()
     w.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         w.scalar("a", 2.0, 1)
+    assert len(read_records(path)) == 51
+
+
+def test_two_writers_in_one_second_keep_two_files(tmp_path):
+    with SummaryWriter(str(tmp_path)) as a, SummaryWriter(str(tmp_path)) as b:
+        a.scalar("x", 1.0, 1)
+        b.scalar("x", 2.0, 1)
+    values = sorted(read_events(tmp_path / n)[1][3][0][1] for n in os.listdir(tmp_path))
+    assert values == [1.0, 2.0]
+
+
+def test_truncate_drops_the_steps_past_the_resume_point(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    logdir = tmp_path / "tb"
+    with SummaryWriter(str(logdir), filename_suffix=".a") as w:
+        for step in range(1, 7):
+            w.scalars({"loss": 1.0 / step, "lr": 0.1 * step}, step)
+        w.image("img", np.full((4, 4, 3), 7, np.uint8), 5)
+    with SummaryWriter(str(logdir), filename_suffix=".b") as w:  # the resumed run, killed
+        for step in range(4, 6):
+            w.scalar("loss", 10.0 + step, step)
+    torn = next(p for p in map(str, logdir.iterdir()) if p.endswith(".b"))
+    with open(torn, "ab") as f:  # a record cut short by the kill
+        f.write(struct.pack("<Q", 100) + b"\0" * 20)
+    early = next(p for p in map(str, logdir.iterdir()) if p.endswith(".a"))
+    # 3 steps (4, 5, 6) + the image of a; 2 steps of b.
+    assert truncate_events(str(logdir), 3) == 6
+    assert sorted(os.listdir(logdir)) == sorted(os.path.basename(p) for p in (early, torn))
+    for path in (early, torn):  # rewritten whole: the independent reader checks every CRC
+        assert [e[1] for e in read_events(path)[1:]] == ([1, 2, 3] if path == early else [])
+    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, f32(1.0 / s)) for s in (1, 2, 3)]
+    assert [(e.step, e.value) for e in acc.Scalars("lr")] == [(s, f32(0.1 * s)) for s in (1, 2, 3)]
+    assert acc.Tags()[ea.IMAGES] == []
+    # Nothing past the step left: no event dropped, no file rewritten.
+    before = {p: os.stat(p).st_ino for p in (early, torn)}
+    assert truncate_events(str(logdir), 3) == 0 and truncate_events(str(tmp_path / "none"), 0) == 0
+    assert {p: os.stat(p).st_ino for p in (early, torn)} == before
 
 
 def test_bad_input_is_named(tmp_path):
@@ -217,5 +252,4 @@ def test_bad_input_is_named(tmp_path):
             w.scalar("x", 1.0, 1.5)
         with pytest.raises(ValueError, match="non-empty str"):
             w.scalars({"ok": 1.0, "": 2.0}, 0)
-        path = w.path
-    assert len(read_records(path)) == 1  # rejected calls wrote nothing
+    assert len(read_records(only_file(tmp_path))) == 1  # rejected calls wrote nothing
