@@ -12,10 +12,14 @@ back to back after 2 untimed ones, and the time is from the first to the last on
 
 - MFU = model FLOPs per step / (seconds per step x devices x peak FLOP/s per device). Model
   FLOPs are the matmuls and convolutions of the forward and backward (2 per multiply-add, the
-  jaxpr walk of benchmarks/vs_diffusers.py), the convention of MFU figures (no recompute
-  counted, no elementwise work). XLA's own cost analysis (all ops) is printed beside it. The
-  peak is the dense bf16 tensor-core figure of the device kind (H100 / H200 SXM 989 TFLOP/s,
-  A100 312), or `--peak-tflops`.
+  jaxpr walk of benchmarks/vs_diffusers.py, grad-accumulation scans times their length), the
+  convention of MFU figures: no elementwise work, and no recompute (the step is traced again
+  with model.remat off for the count, since the walk would count remat's second forward).
+  XLA's own cost analysis (`compiled.cost_analysis()`, the planner's figure) is printed beside
+  it but is not the model count: it counts a while loop's body once (grad_accum A: 1/A of the
+  step), skips the zero-padding taps of SAME convolutions, and adds elementwise work and
+  remat's recompute. The peak is the dense bf16 tensor-core figure of the device kind (H100 /
+  H200 SXM 989 TFLOP/s, A100 312), or `--peak-tflops`.
 - Memory: the device's peak bytes in use (`memory_stats()`, GPU/TPU; CPU has none) against the
   planner's per-device total (arguments + outputs + temporaries - donated).
 
@@ -66,11 +70,28 @@ def random_inputs(planned, seed: int = 0):
     return state, batch
 
 
+def model_flops_per_step(planned, state, batch, interval) -> float:
+    """Convs and dots (2 per multiply-add) of the planned step's forward and backward, traced
+    (not compiled) with model.remat off: remat changes what runs, not the model's FLOPs."""
+    import dataclasses
+    import functools
+
+    import jax
+
+    from benchmarks.vs_diffusers import matmul_flops
+    from ediffi_jax.models.unet import UNet
+    from ediffi_jax.training.step import train_step
+
+    model = dataclasses.replace(planned.run.stage.model, remat=False)
+    step = functools.partial(train_step, unet=UNet(model), cfg=planned.run.train,
+                             optimizer=planned.optimizer)
+    return matmul_flops(jax.make_jaxpr(step)(state, batch, interval).jaxpr)
+
+
 def measure(config, *, steps: int = 10, peak: float | None = None) -> dict:
     """Compile the planned step, run it, and report throughput, MFU and memory."""
     import jax
 
-    from benchmarks.vs_diffusers import matmul_flops
     from ediffi_jax.training.dry_run import plan_of, plan_step
 
     planned = plan_step(config)
@@ -78,7 +99,7 @@ def measure(config, *, steps: int = 10, peak: float | None = None) -> dict:
     compiled = planned.step.lower(planned.state, planned.batch, interval).compile()
     plan = plan_of(planned, compiled)
     state, batch = random_inputs(planned)
-    model_flops = matmul_flops(jax.make_jaxpr(planned.step)(state, batch, interval).jaxpr)
+    model_flops = model_flops_per_step(planned, state, batch, interval)
     for _ in range(2):
         state, metrics = compiled(state, batch, interval)
     jax.block_until_ready(state)

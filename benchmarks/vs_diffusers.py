@@ -160,7 +160,11 @@ class UNetWorker(TorchWorker):
 
 def matmul_flops(jaxpr) -> float:
     """Multiply-add FLOPs (x2) of every conv and dot in a closed jaxpr, sub-jaxprs included
-    (scan bodies times their length, the costliest branch of a cond; while loops once)."""
+    (scan bodies times their length, the costliest branch of a cond; while loops once), every
+    kernel tap counted (zero padding too, as torch's FlopCounterMode). A remat'd block's
+    recompute is in the jaxpr and counted: trace without remat for model FLOPs. XLA's
+    cost_analysis() is no substitute: it counts loop bodies once and skips padding taps
+    (docs/ARCHITECTURE.md)."""
     import math
 
     from jax.extend import core
