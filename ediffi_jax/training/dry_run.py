@@ -29,6 +29,7 @@ from ediffi_jax.info import cost_of
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.host import configure_cpu_host
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
+from ediffi_jax.rng import Stream, stream
 from ediffi_jax.runs.checkpoint import abstract_like
 from ediffi_jax.runs.spec import check_stage_sizes, image_resolution, parse_run
 from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
@@ -196,7 +197,7 @@ def plan_step(config, devices: int | None = None) -> PlannedStep:
     check_stage_sizes(run)
 
     optimizer = make_optimizer(tcfg)
-    abstract_boxed = jax.eval_shape(lambda: boxed_init(model, jax.random.key(tcfg.seed)))
+    abstract_boxed = jax.eval_shape(lambda: boxed_init(model, stream(tcfg.seed, Stream.PARAMS)))
     abstract_params = nn.meta.unbox(abstract_boxed)
     param_sh = logical_shardings(abstract_boxed, mesh)
     state_sh = state_shardings(optimizer, abstract_params, param_sh, mesh)

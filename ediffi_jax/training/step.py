@@ -3,8 +3,11 @@ dropout, AdamW with clipping and warmup, EMA, gradient accumulation, and skippin
 updates. Pure functions of (state, batch); the trainer jits them with shardings.
 
 Randomness is per example: example e draws its sigma, noise and dropout from
-fold_in(key(seed), e) where e is the global example index from the input pipeline, so a run
-does not depend on batch size, device count or where it was resumed.
+fold_in(stream(seed, TRAIN_EXAMPLE), e) where e is the global example index from the input
+pipeline, so a run does not depend on batch size, device count or where it was resumed. The
+network's dropout masks fold the step into stream(seed, DROPOUT), an SR stage's low-res
+augmentation the index into stream(seed, TRAIN_LOWRES) (ediffi_jax/rng.py: no two purposes
+share a key, whatever the seeds).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import optax
 from ediffi_jax.diffusion import edm, lowres
 from ediffi_jax.models.conditioning import Conditioning
 from ediffi_jax.models.unet import UNet
+from ediffi_jax.rng import Stream, stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +131,25 @@ def ema_decay(cfg: TrainConfig, step):
     return decay
 
 
+def example_key(seed: int, index) -> jax.Array:
+    """Training example `index`'s key: its sigma, noise and condition-dropout flags."""
+    return jax.random.fold_in(stream(seed, Stream.TRAIN_EXAMPLE), index)
+
+
+def dropout_key(seed: int, step) -> jax.Array:
+    """The network's dropout masks at optimizer step `step` (microbatches fold their index)."""
+    return jax.random.fold_in(stream(seed, Stream.DROPOUT), step)
+
+
+def lowres_key(seed: int, index) -> jax.Array:
+    """Training example `index`'s low-res augmentation (an SR stage): level and noise."""
+    return jax.random.fold_in(stream(seed, Stream.TRAIN_LOWRES), index)
+
+
 def example_randomness(cfg: TrainConfig, index, image_shape, interval):
     """sigma (within the quantile `interval`), noise and per-part keep flags of one example,
     from its global index."""
-    key = jax.random.fold_in(jax.random.key(cfg.seed), index)
+    key = example_key(cfg.seed, index)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     sigma = edm.LogNormalSigma().sample(k_sigma, (), interval[0], interval[1])
     noise = jax.random.normal(k_noise, image_shape, jnp.float32)
@@ -146,7 +165,7 @@ def with_lowres(cfg: TrainConfig, cond: Conditioning, batch, scale: int) -> Cond
     size = batch["image"].shape[1]
     up = lowres.upsample(batch["lowres"], batch["lowres"].shape[1] * scale)
     up = lowres.crop(up, batch["crop"], size)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.seed + 2), i))(batch["index"])
+    keys = jax.vmap(lambda i: lowres_key(cfg.seed, i))(batch["index"])
     sigma = jax.vmap(lambda k: lowres.sample_sigma(k, cfg.noise_aug_sigma))(keys)
     return cond.replace(lowres=jax.vmap(lowres.augment)(keys, up, sigma), lowres_sigma=sigma)
 
@@ -231,8 +250,8 @@ def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConf
                optimizer: optax.GradientTransformation):
     """One optimizer step on sigmas from `interval` (cfg.sigma_interval()); an update with a
     non-finite loss or gradient is skipped and counted. Returns (state, metrics)."""
-    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
-    loss, per_example, sigma, grads = compute_grads(state.params, batch, dropout_key, interval,
+    loss, per_example, sigma, grads = compute_grads(state.params, batch,
+                                                    dropout_key(cfg.seed, state.step), interval,
                                                     unet=unet, cfg=cfg)
     finite = jnp.isfinite(loss) & all_finite(grads)
     state = apply_update(state, grads, finite, cfg=cfg, optimizer=optimizer)

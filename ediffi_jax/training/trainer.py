@@ -25,6 +25,7 @@ from ediffi_jax.diffusion.edm import LogNormalSigma
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, boxed_init
+from ediffi_jax.rng import Stream, stream
 from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
 from ediffi_jax.runs.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from ediffi_jax.runs.spec import DataConfig, RunSpec, check_stage_sizes, image_resolution, parse_run
@@ -191,7 +192,7 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
     iterator = iter(pipeline)
     unet = UNet(model)
     optimizer = make_optimizer(tcfg)
-    boxed = lambda: boxed_init(model, jax.random.key(tcfg.seed))  # noqa: E731
+    boxed = lambda: boxed_init(model, stream(tcfg.seed, Stream.PARAMS))  # noqa: E731
     abstract_boxed = jax.eval_shape(boxed)
     abstract_params = nn.meta.unbox(abstract_boxed)
     param_sh = logical_shardings(abstract_boxed, mesh)
