@@ -20,6 +20,7 @@ from tests.test_resume import OVERRIDES, ROOT
 from ediffi_jax.runs.checkpoint import Checkpointer
 from ediffi_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from ediffi_jax.runs.spec import run_schema
+from ediffi_jax.training import trainer
 from ediffi_jax.training.trainer import train
 
 BASE = [o for o in OVERRIDES if not o.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]
@@ -176,6 +177,51 @@ def test_nonfinite_steps_never_write_or_rotate_out_checkpoints(run):
     train(config(f"--config.train.steps={steps[-1] + 1}"), str(run), changes=["train.lr"],
           log=lines.append)
     assert f"resumed tiny from step {steps[-1]}" in " ".join(lines) and lines[-1].startswith("done")
+
+
+def test_a_nonfinite_run_stops_at_most_one_step_past_the_limit(tmp_path):
+    """The trainer reads each step's skip counter once the next step is dispatched: a run of
+    max_nonfinite skips ending at step k stops with step k + 1 dispatched and no later one."""
+    poisoned = config("--config.train.lr=1e9", "--config.train.steps=40",
+                      "--config.train.max_nonfinite=3", "--config.train.checkpoint_every=1000",
+                      "--config.train.log_every=1000")
+    with pytest.raises(FloatingPointError) as e:
+        train(poisoned, str(tmp_path / "run"), log=lambda *_: None)
+    first, last = map(int, re.search(r"\(steps (\d+) to (\d+)\)", str(e.value)).groups())
+    assert str(e.value).startswith("3 consecutive steps had a non-finite loss")
+    assert last - first + 1 == 3 and last < 39
+    rows = {m["step"]: m for m in metrics(tmp_path / "run")}
+    assert all(not rows[s]["finite"] for s in range(first, last + 1))
+    assert first == 1 or rows[first - 1]["finite"]
+    assert max(rows) == last + 1  # exactly one step ran past the limit
+    assert "No checkpoint was written: there is nothing to resume" in str(e.value)
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_the_host_reads_each_counter_after_dispatching_the_next_step(tmp_path, monkeypatch):
+    """Step k's skip counter is read only once step k + 1 is dispatched (two steps in flight),
+    but a save step's synchronously, before its checkpoint is written."""
+    dispatched, reads = [0], []
+    jit_train_step = trainer.jit_train_step
+
+    def counting(*args, **kwargs):
+        step_fn = jit_train_step(*args, **kwargs)
+
+        def call(*a):
+            dispatched[0] += 1
+            return step_fn(*a)
+        return call
+
+    def spy(counter, step):
+        reads.append((step, dispatched[0], int(counter)))
+        return int(counter)
+
+    monkeypatch.setattr(trainer, "jit_train_step", counting)
+    monkeypatch.setattr(trainer, "_read_counter", spy)
+    train(config("--config.train.steps=6", "--config.train.checkpoint_every=3",
+                 "--config.train.log_every=1000"), str(tmp_path / "run"), log=lambda *_: None)
+    # (counter of step, steps dispatched when read, value): 3 and 6 are save steps.
+    assert reads == [(1, 2, 0), (2, 3, 0), (3, 3, 0), (4, 5, 0), (5, 6, 0), (6, 6, 0)]
 
 
 def test_a_second_trainer_stops_at_once_naming_the_holder(run):

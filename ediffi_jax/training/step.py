@@ -259,6 +259,9 @@ def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConf
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "finite": finite,
+        # The state's counter after this step, in the (never donated) metrics: the trainer
+        # reads it a step late, once the next step is dispatched.
+        "nonfinite_run": state.nonfinite_run,
         "per_example_loss": per_example,
         "sigma": sigma,
     }

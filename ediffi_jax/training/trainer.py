@@ -251,13 +251,7 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
             log(f"dropped {dropped} logged rows past step {start} (they are trained again)")
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(
-        functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, None, replicated), donate_argnums=0,
-        # Metrics replicated: every process can fetch them (multi-host: no process sees the
-        # whole batch-sharded per-example losses otherwise).
-        out_shardings=(state_sh, replicated),
-    )
+    step_fn = jit_train_step(unet, tcfg, optimizer, state_sh, mesh)
     interval = jax.device_put(tcfg.sigma_interval(), replicated)
     batches = _Batches(iterator, encoder, mesh)
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
@@ -296,6 +290,7 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
         t_window, n_window = time.perf_counter(), 0
 
     step = start
+    lagging: tuple[int, jax.Array] | None = None  # (step, its nonfinite_run), not read yet
     batch = batches.next() if step < tcfg.steps else None
     if step < tcfg.steps:
         log(f"compiling the train step ({jax.device_count()} devices, mesh "
@@ -311,9 +306,22 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
             n_window += tcfg.batch_size
             pending.append((step, {k: metrics[k] for k in ("loss", "grad_norm", "finite",
                                                             "per_example_loss", "sigma")}))
+            # The previous step's counter, read while this step runs: the host never waits on
+            # the step it just dispatched, and a run of max_nonfinite skips ending at step k
+            # stops once step k + 1 is dispatched (at most one step past the limit).
+            if lagging is not None:
+                lag_step, lag_counter = lagging
+                run_length = _read_counter(lag_counter, lag_step)
+                if run_length >= tcfg.max_nonfinite:
+                    flush_metrics(step)
+                    raise FloatingPointError(
+                        _nonfinite_message(run_length, lag_step, ckpt, logged_loss))
             if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
                 flush_metrics(step)  # saved with the iterator before it reads the next batch
-                skipping = int(state.nonfinite_run)
+                skipping = _read_counter(state.nonfinite_run, step)  # synchronous: this step's
+                if skipping >= tcfg.max_nonfinite:
+                    raise FloatingPointError(
+                        _nonfinite_message(skipping, step, ckpt, logged_loss))
                 if skipping:  # never let a poisoned state rotate a good checkpoint out
                     log(f"checkpoint {step} not written: the last {skipping} update(s) were "
                         "skipped as non-finite")
@@ -323,10 +331,8 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
             if step < tcfg.steps:
                 batch = batches.next()  # host input work overlaps the step in flight
             ckpt.check()  # a background save that failed stops the run at once
-            run_length = int(state.nonfinite_run)  # one scalar: cheap, and must not lag
-            if run_length >= tcfg.max_nonfinite:
-                flush_metrics(step)
-                raise FloatingPointError(_nonfinite_message(run_length, step, ckpt, logged_loss))
+            saved = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            lagging = None if saved else (step, metrics["nonfinite_run"])  # read: next step
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 flush_metrics(step)
     finally:
@@ -337,6 +343,23 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
                 writer.close()
     log(f"done: {step} steps in {_fmt_seconds(time.perf_counter() - t_start)}")
     return state
+
+
+def jit_train_step(unet: UNet, tcfg, optimizer, state_sh, mesh, batch_shardings=None):
+    """The trainer's jitted step (the dry run compiles the same): state donated, metrics
+    replicated (every process can fetch them; multi-host: no process sees the whole
+    batch-sharded per-example losses otherwise)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
+        in_shardings=(state_sh, batch_shardings, replicated), donate_argnums=0,
+        out_shardings=(state_sh, replicated),
+    )
+
+
+def _read_counter(counter: jax.Array, step: int) -> int:
+    """The host's blocking read of step `step`'s consecutive-skip counter (one scalar)."""
+    return int(counter)
 
 
 def _nonfinite_message(run_length: int, step: int, ckpt: Checkpointer,
