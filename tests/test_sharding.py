@@ -1,5 +1,6 @@
 """Mesh construction, the logical rules, sharded init and a sharded U-Net forward."""
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -73,3 +74,32 @@ def test_sharded_init_materialises_shards_and_matches_plain_init():
     assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 4)
     plain = init_params(CFG, jax.random.key(0))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), params, plain)
+
+
+def test_the_train_step_constrains_activations_under_the_mesh_rules():
+    """The U-Net's nn.with_logical_constraint on its activations acts in the trainer's step
+    (and the dry run's, the same jit_train_step): on an fsdp mesh each [B, H, W, C] activation
+    is pinned to batch over (data, fsdp). Without activation_rules the same step has none."""
+    from ediffi_jax.config import load_config
+    from ediffi_jax.runs.spec import run_schema
+    from ediffi_jax.training import trainer
+    from ediffi_jax.training.dry_run import plan_step
+    from tests.test_faults_training import BASE
+
+    config = load_config("configs/tiny.py", BASE + ["--config.mesh.shape=(1,8,1)"], run_schema())
+    planned = plan_step(config, devices=8)
+    args = (planned.state, planned.batch, planned.interval)
+    text = planned.step.lower(*args).as_text()
+    # The first res block's activations: batch 8, 16x16, 8 channels.
+    pinned = re.findall(r'sdy\.sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}, \{\}, \{\}, \{\}\]>'
+                        r' : tensor<8x16x16x8xf32>', text)
+    assert len(pinned) >= 2, text.count("sharding_constraint")
+
+    monkey = pytest.MonkeyPatch()
+    with monkey.context() as m:  # the control: the same step traced without the rules
+        m.setattr(trainer, "with_activation_rules", lambda fn, mesh: fn)
+        bare = trainer.jit_train_step(
+            UNet(planned.run.stage.model), planned.run.train, planned.optimizer,
+            planned.state_shardings, planned.mesh,
+            jax.tree.map(lambda x: x.sharding, planned.batch)).lower(*args).as_text()
+    assert "sharding_constraint" not in bare

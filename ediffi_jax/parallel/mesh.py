@@ -6,6 +6,8 @@ sharded over fsdp (ZeRO-3 style), attention heads, MLP widths and vocabularies o
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Any, Sequence
 
@@ -34,6 +36,28 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 BATCH_SPEC = P(("data", "fsdp"))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The context in which the models' nn.with_logical_constraint calls act: `mesh` (as an
+    abstract mesh, so it may be entered inside a traced function, where jax.set_mesh may not)
+    and the logical-axis rules. Outside it they are no-ops and XLA alone picks the
+    activations' layout."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def with_activation_rules(fn, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """`fn` traced inside activation_rules(mesh): jit the result, and however it is called or
+    lowered (the trainer, the dry run, an AOT compile) the activation constraints are in it."""
+
+    @functools.wraps(fn)
+    def constrained(*args, **kwargs):
+        with activation_rules(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return constrained
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -32,8 +32,8 @@ from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 from ediffi_jax.rng import Stream, stream
 from ediffi_jax.runs.checkpoint import abstract_like
 from ediffi_jax.runs.spec import check_stage_sizes, image_resolution, parse_run
-from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
-from ediffi_jax.training.trainer import check_layout, run_mesh
+from ediffi_jax.training.step import init_state, make_optimizer, state_shardings
+from ediffi_jax.training.trainer import check_layout, jit_train_step, run_mesh
 
 GIB = 2**30
 NOT_FIT = 3  # CLI exit status when the layout does not fit
@@ -221,11 +221,8 @@ def plan_step(config, devices: int | None = None) -> PlannedStep:
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
 
     replicated = NamedSharding(mesh, P())
-    step = jax.jit(
-        functools.partial(train_step, unet=UNet(model), cfg=tcfg, optimizer=optimizer),
-        in_shardings=(state_sh, batch_sh, replicated), donate_argnums=0,
-        out_shardings=(state_sh, replicated),  # as the trainer: metrics replicated
-    )
+    # The trainer's own step: same shardings, donation and activation rules.
+    step = jit_train_step(UNet(model), tcfg, optimizer, state_sh, mesh, batch_sh)
     return PlannedStep(run=run, mesh=mesh, optimizer=optimizer, state_shardings=state_sh,
                        step=step, state=state, batch=batch,
                        interval=abstract_like(tcfg.sigma_interval(), replicated))

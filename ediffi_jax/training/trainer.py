@@ -26,7 +26,8 @@ from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.rng import Stream, stream
-from ediffi_jax.parallel.mesh import logical_shardings, make_mesh, sharded_init
+from ediffi_jax.parallel.mesh import (logical_shardings, make_mesh, sharded_init,
+                                      with_activation_rules)
 from ediffi_jax.runs.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from ediffi_jax.runs.spec import DataConfig, RunSpec, check_stage_sizes, image_resolution, parse_run
 from ediffi_jax.training.lock import WorkdirLock
@@ -348,10 +349,12 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
 def jit_train_step(unet: UNet, tcfg, optimizer, state_sh, mesh, batch_shardings=None):
     """The trainer's jitted step (the dry run compiles the same): state donated, metrics
     replicated (every process can fetch them; multi-host: no process sees the whole
-    batch-sharded per-example losses otherwise)."""
+    batch-sharded per-example losses otherwise), traced inside the mesh's activation rules so
+    the models' logical constraints on activations act."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
-        functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer),
+        with_activation_rules(
+            functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer), mesh),
         in_shardings=(state_sh, batch_shardings, replicated), donate_argnums=0,
         out_shardings=(state_sh, replicated),
     )
