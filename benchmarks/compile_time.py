@@ -54,6 +54,7 @@ def train_job(batch: int) -> dict:
 
     from ediffi_jax.config import load_config
     from ediffi_jax.models.unet import boxed_init
+    from ediffi_jax.rng import Stream, stream
     from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
     from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
     from ediffi_jax.runs.spec import parse_run, run_schema
@@ -62,7 +63,7 @@ def train_job(batch: int) -> dict:
     run = parse_run(load_config(CONFIG, [f"--config.train.batch_size={batch}"], run_schema()))
     model, tcfg = run.stage.model, run.train
     mesh = make_mesh(run.mesh.shape)
-    unet_boxed = lambda: boxed_init(model, jax.random.key(tcfg.seed))  # noqa: E731
+    unet_boxed = lambda: boxed_init(model, stream(tcfg.seed, Stream.PARAMS))  # noqa: E731
     optimizer = make_optimizer(tcfg)
     abstract_boxed = jax.eval_shape(unet_boxed)
     abstract = nn.meta.unbox(abstract_boxed)

@@ -38,12 +38,12 @@ def _dispatch_cost(plans, shape, repeats):
     x = jnp.zeros((2,) + shape)
     out = {}
     for name, plan in plans.items():
-        runner.run(plan, experts, None, None, None, x).block_until_ready()
+        runner.run(plan, experts, None, None, x).block_until_ready()
     for name, plan in plans.items():
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            runner.run(plan, experts, None, None, None, x).block_until_ready()
+            runner.run(plan, experts, None, None, x).block_until_ready()
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out
@@ -69,8 +69,7 @@ def main(argv=None):
     def run(name):
         t = time.perf_counter()
         out = runners[name].sample(plans[name], params[name], shape, seed=0,
-                                   example_indices=jnp.arange(args.batch), cond=cond,
-                                   uncond=cond.unconditional())
+                                   example_indices=jnp.arange(args.batch), cond=cond)
         out.block_until_ready()
         return time.perf_counter() - t
 

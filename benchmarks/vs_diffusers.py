@@ -299,7 +299,7 @@ def build_jax(model_fields: dict, variant: str, args, mesh):
         keys = place(jax.vmap(jax.random.key)(jnp.arange(b)))
         x0 = place(jnp.asarray(rng.standard_normal((b, res, res, 3)) * plan.sigmas[0], jnp.float32))
         t = time.perf_counter()
-        runner.run(plan, [params], cond, uncond, keys, x0).block_until_ready()
+        runner.run(plan, [params], cond, keys, x0).block_until_ready()
         out["sample_compile"] = time.perf_counter() - t  # compile + one call
         if variant == "base":
             denoise = unet_denoise_fn(unet)
@@ -313,7 +313,7 @@ def build_jax(model_fields: dict, variant: str, args, mesh):
 
             out["sample_step_flops"] = matmul_flops(jax.make_jaxpr(one_step)(params, x0).jaxpr)
         assert runner.trace_count == 1, runner.trace_count
-        out["sample"] = lambda: runner.run(plan, [params], cond, uncond, keys, x0).block_until_ready()
+        out["sample"] = lambda: runner.run(plan, [params], cond, keys, x0).block_until_ready()
     return out
 
 

@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from ediffi_jax.config import ConfigError
-    from ediffi_jax.diffusion.sampling import check_seed
+    from ediffi_jax.rng import check_seed
     from ediffi_jax.parallel.mesh import make_mesh
     from ediffi_jax.pipeline.cascade import CascadeSampler, load_stage, read_cascade
-    from ediffi_jax.pipeline.generate import StepProgress, mask_overlay, sampling_plan
+    from ediffi_jax.pipeline.generate import StepProgress, mask_overlay
 
     try:
         if args.num < 1 or args.batch < 0:
@@ -105,28 +105,22 @@ def main(argv=None) -> int:
         batch = args.batch or len(prompts)
         batches = range(0, len(prompts), batch)
         paint = read_paint(args, resolution)
-        plans = []
-        for stage in stages:
-            last = stage is final
-            painted = paint is not None and stage.paint
-            try:
-                plans.append(sampling_plan(stage.run.stage.model, stage.ensemble, stage.sampling,
-                                           resolution if last else stage.resolution,
-                                           stage.highres, paint.settings if painted else None,
-                                           stage.resolution))
-            except ValueError as e:
-                raise ConfigError(f"--resolution {resolution} ({stage.name!r} makes "
-                                  f"{stage.resolution}): {e}" if last else str(e)) from None
+        sampler = CascadeSampler(stages, make_mesh((-1, 1, 1)))
+        # Every input checked before any sampling; the plans and paint masks built here are
+        # the ones every batch uses.
+        plans = [sampler.plan(k, resolution if stage is final else None,
+                              paint.settings if paint is not None else None, "--resolution")
+                 for k, stage in enumerate(stages)]
         progress = StepProgress(sum(p.num_steps for p in plans) * len(batches))
-        sampler = CascadeSampler(stages, make_mesh((-1, 1, 1)), progress=progress)
+        sampler.set_progress(progress)
         style = None
         if args.style_image:
             style = np.asarray(Image.open(args.style_image).convert("RGB"))
-        for stage in stages:  # every input checked before any sampling
-            conditioner = sampler.conditioner(stage)[1]
+        for k, stage in enumerate(stages):
             if paint is not None and stage.paint:
-                paint.conditioning(conditioner, stage.run.stage.model, args.prompt)
-            if style is not None and stage.style and conditioner.clip_vision is None:
+                sampler.paint_conditioning(k, paint, args.prompt)
+            if (style is not None and stage.style
+                    and sampler.conditioner(stage)[1].clip_vision is None):
                 raise ConfigError(f"--style-image needs a CLIP vision tower: stage {stage.name!r}"
                                   "'s encoders.clip_vision is not set")
     except (ConfigError, ValueError, OSError) as e:

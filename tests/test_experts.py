@@ -106,7 +106,7 @@ def test_each_evaluation_uses_the_expert_owning_its_sigma(sampler):
     assert len({s.experts for s in plan.segments}) >= 3
     runner = PlanRunner(tagged_denoise)
     x = jnp.zeros((2, 1))
-    out = runner.run(plan, [{"tag": jnp.float32(t)} for t in tags], None, None, None, x)
+    out = runner.run(plan, [{"tag": jnp.float32(t)} for t in tags], None, None, x)
     want = expected_final(plan, layout, tags) if sampler == "heun" else sum(
         (plan.sigmas[i + 1] - plan.sigmas[i]) * tags[iv.owner(layout, plan.sigmas[i])]
         for i in range(plan.num_steps))
@@ -137,7 +137,7 @@ def test_identical_experts_are_bit_identical_to_one_model():
     params = tiny_params(cfg)
     runner = PlanRunner(unet_denoise_fn(UNet(cfg)))
     cond = tiny_conditioning(cfg, 2)
-    kw = dict(seed=1, example_indices=[0, 1], cond=cond, uncond=cond.unconditional())
+    kw = dict(seed=1, example_indices=[0, 1], cond=cond)
     shape = (cfg.resolution, cfg.resolution, 3)
     one = runner.sample(build_plan(karras_sigmas(12), guidance_scale=2.0), [params], shape, **kw)
     ens = ExpertEnsemble(iv.CONFIG_LAYOUTS["D"], [params] * 3)

@@ -232,7 +232,7 @@ def test_evaluate_arguments(exports, tmp_path, capsys):
 # ----------------------------------------------------------------------------- words
 
 def test_the_training_vocabulary_of_the_shipped_model():
-    from ediffi_jax.pipeline.generate import training_vocabulary
+    from ediffi_jax.runs.data import training_vocabulary
     from ediffi_jax.runs.store import load_ensemble
 
     run, _ = load_ensemble(SHIPPED)
@@ -245,8 +245,8 @@ def test_vocabulary_follows_the_shapes_config():
 
     from ediffi_jax.data.shapes import ShapesSource
     from ediffi_jax.encoders.toy import caption_words
-    from ediffi_jax.eval.sweep import shapes_config
-    from ediffi_jax.pipeline.generate import training_vocabulary
+    from ediffi_jax.runs.data import shapes_config
+    from ediffi_jax.runs.data import training_vocabulary
     from ediffi_jax.runs.store import load_ensemble
 
     run, _ = load_ensemble(SHIPPED)

@@ -142,7 +142,7 @@ def _sample(plan_fn, ndcfg_fn=None, steps=4, res=32):
     runner = PlanRunner(counting)
     cond = tiny_conditioning(CFG, 2)
     out = runner.sample(plan, [tiny_params(CFG)], (res, res, 3), seed=0, example_indices=[0, 1],
-                        cond=cond, uncond=cond.unconditional())
+                        cond=cond)
     return np.asarray(out), plan, runner, calls
 
 

@@ -41,10 +41,8 @@ def test_one_image_equals_its_row_in_a_batch_of_8(setup):
     params, runner, plan = setup
     idx = list(range(8))
     cond = conditioning(idx)
-    batch = runner.sample(plan, params, SHAPE, seed=7, example_indices=idx, cond=cond,
-                          uncond=cond.unconditional())
-    alone = runner.sample(plan, params, SHAPE, seed=7, example_indices=[5], cond=conditioning([5]),
-                          uncond=conditioning([5]).unconditional())
+    batch = runner.sample(plan, params, SHAPE, seed=7, example_indices=idx, cond=cond)
+    alone = runner.sample(plan, params, SHAPE, seed=7, example_indices=[5], cond=conditioning([5]))
     np.testing.assert_allclose(alone[0], batch[5], atol=1e-5)
     assert float(jnp.abs(batch[5] - batch[4]).max()) > 0.1  # examples differ
 
@@ -53,14 +51,12 @@ def test_8_devices_equal_1_device(setup):
     params, runner, plan = setup
     idx = list(range(8))
     cond = conditioning(idx)
-    single = runner.sample(plan, params, SHAPE, seed=7, example_indices=idx, cond=cond,
-                           uncond=cond.unconditional())
+    single = runner.sample(plan, params, SHAPE, seed=7, example_indices=idx, cond=cond)
     mesh = make_mesh((8, 1, 1))
     shard = batch_sharding(mesh)
     cond_s = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim)), cond)
     params_r = jax.device_put(params, NamedSharding(mesh, P()))
-    sharded = runner.sample(plan, params_r, SHAPE, seed=7, example_indices=idx, cond=cond_s,
-                            uncond=cond_s.unconditional(), batch_sharding=shard)
+    sharded = runner.sample(plan, params_r, SHAPE, seed=7, example_indices=idx, cond=cond_s, batch_sharding=shard)
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
 

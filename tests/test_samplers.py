@@ -30,7 +30,7 @@ def integrate(runner, sampler, num_steps, x=None):
     plan = build_plan(karras_sigmas(num_steps), sampler=sampler)
     x = stratified_prior() if x is None else x
     keys = jax.vmap(jax.random.key)(jnp.arange(x.shape[0]))
-    return np.asarray(runner.run(plan, [PARAMS], None, None, keys, x))
+    return np.asarray(runner.run(plan, [PARAMS], None, keys, x))
 
 
 def assert_matches_mixture(samples, mean_var_rtol):
@@ -55,9 +55,10 @@ def test_equal_budget_reproduces_the_mixture(runner, sampler, num_steps):
 
 def test_heun_from_random_noise(runner):
     # Per-example noise through PlanRunner.sample; tolerances include Monte-Carlo error
-    # (the variance of ~1200 samples has ~4% standard error).
+    # (32768 samples: each component's variance is known to a few percent, so the 12% bound
+    # holds for any seed stream, not only for one lucky draw).
     plan = build_plan(karras_sigmas(32), sampler="heun")
-    out = runner.sample(plan, [PARAMS], (1,), seed=0, example_indices=np.arange(N_SAMPLES))
+    out = runner.sample(plan, [PARAMS], (1,), seed=0, example_indices=np.arange(8 * N_SAMPLES))
     assert_matches_mixture(np.asarray(out), mean_var_rtol=0.12)
 
 

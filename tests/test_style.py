@@ -1,4 +1,5 @@
 """Style: a reference image's CLIP embedding as conditioning, with its own guidance scale."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,10 +24,8 @@ def _sample(style_scale, guidance=3.0):
         return unet_denoise_fn(UNet(CFG))(params, x, sigma, cond, settings)
 
     cond = tiny_conditioning(CFG, 2)
-    cond_text = cond.replace(clip_image=jnp.zeros_like(cond.clip_image))
     out = PlanRunner(counting).sample(plan, [tiny_params(CFG)], (16, 16, 3), seed=0,
-                                      example_indices=[0, 1], cond=cond,
-                                      uncond=cond.unconditional(), cond_text=cond_text)
+                                      example_indices=[0, 1], cond=cond)
     return np.asarray(out), plan, set(batches)
 
 
@@ -41,13 +40,38 @@ def test_style_scale_equal_to_the_text_scale_is_plain_cfg():
     assert np.abs(stronger - plain).max() > 1e-3
 
 
-def test_style_guidance_needs_the_text_only_branch_and_excludes_ndcfg():
-    plan = SamplingConfig(num_steps=2, guidance_scale=2.0, style_guidance_scale=1.0).plan()
+def test_the_runner_derives_the_style_branches_and_style_excludes_ndcfg():
+    """The three branches the runner builds from cond alone are cond, cond without its style
+    embedding and the unconditional one, combined by the style formula."""
+    from ediffi_jax.diffusion.guidance import guided_denoise
+    from ediffi_jax.diffusion.plan import SegmentSettings
+
     cond = tiny_conditioning(CFG, 1)
-    with pytest.raises(ValueError, match="give cond_text"):
-        PlanRunner(unet_denoise_fn(UNet(CFG))).run(plan, [tiny_params(CFG)], cond,
-                                                   cond.unconditional(), None,
-                                                   jnp.zeros((1, 16, 16, 3)))
+    assert float(jnp.abs(cond.clip_image).max()) > 0
+    fn = unet_denoise_fn(UNet(CFG))
+    params, x, sigma = tiny_params(CFG), jnp.ones((1, 16, 16, 3)), jnp.full((1,), 2.0)
+    seen = []
+
+    def recording(params, x, sigma, cond, settings):
+        seen.append(cond)
+        return fn(params, x, sigma, cond, settings)
+
+    plan = SamplingConfig(sampler="euler", num_steps=1, guidance_scale=2.0,
+                          style_guidance_scale=0.5).plan()
+    with jax.disable_jit():  # the branches as concrete values
+        PlanRunner(recording).run(plan, [params], cond, None, x * 80.0)
+    stacked = seen[0]
+    np.testing.assert_array_equal(stacked.clip_image[0], cond.clip_image[0])
+    np.testing.assert_array_equal(stacked.clip_image[1:], 0)  # text-only, unconditional
+    np.testing.assert_array_equal(stacked.t5_tokens[1], cond.t5_tokens[0])
+    np.testing.assert_array_equal(stacked.t5_tokens[2], 0)
+    d = lambda c: fn(params, x, sigma, c, SegmentSettings())  # noqa: E731
+    d_c, d_t, d_u = d(cond), d(cond.text_only()), d(cond.unconditional())
+    np.testing.assert_allclose(
+        guided_denoise(lambda *a: fn(*a, SegmentSettings()), params, x, sigma, cond,
+                       cond.unconditional(), 2.0, True, cond_text=cond.text_only(),
+                       style_scale=0.5),
+        d_u + 2.0 * (d_t - d_u) + 0.5 * (d_c - d_t), atol=1e-5)
     with pytest.raises(ValueError, match="do not combine"):
         SamplingConfig(num_steps=2, guidance_scale=2.0, style_guidance_scale=1.0).plan(
             uncond_layer_settings=lambda i, s: ())

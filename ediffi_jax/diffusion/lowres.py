@@ -13,7 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-_AUG_SALT = 0x5EED  # keeps the augmentation draws apart from the denoising noise of an example
+from ediffi_jax.rng import Stream
+
 
 
 def upsample(lowres, size: int):
@@ -38,7 +39,7 @@ def sample_sigma(key, sigma_range: tuple[float, float]):
 
 def augment(key, upsampled, sigma_aug):
     """x_lowres + sigma_aug * noise for one example (key: the example's key)."""
-    noise = jax.random.normal(jax.random.fold_in(key, _AUG_SALT), upsampled.shape, jnp.float32)
+    noise = jax.random.normal(jax.random.fold_in(key, Stream.LOWRES_AUG), upsampled.shape, jnp.float32)
     return upsampled + sigma_aug * noise
 
 

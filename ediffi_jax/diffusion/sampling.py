@@ -1,7 +1,13 @@
 """Run a sampling `Plan`: one jitted `lax.fori_loop` per segment, expert params passed as data.
 
-Noise is per example: example e of a run with seed s draws from fold_in(key(s), e), so an image
-does not depend on the batch it was sampled in, on the device count, or on its position.
+Noise is per example: example e of a run with seed s draws from fold_in(sampling_key(s), e)
+(ediffi_jax/rng.py), so an image does not depend on the batch it was sampled in, on the device
+count, or on its position.
+
+The runner is given one conditioning and derives every branch a segment's settings ask for
+inside the compiled loop: the unconditional one (`cond.unconditional()`) for classifier-free
+guidance, the text-only one (`cond.text_only()`) for separate style guidance, and noise-damped
+CFG's milder pass (the same unconditional branch through the milder layer settings).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import jax.numpy as jnp
 
 from ediffi_jax.diffusion.guidance import guided_denoise
 from ediffi_jax.diffusion.plan import Plan, SegmentSettings
+from ediffi_jax.rng import Stream, root, sampling_key
 
 # denoise_fn(params, x, sigma[B], cond, settings) -> D(x; sigma) in float32
 DenoiseFn = Callable[[Any, jax.Array, jax.Array, Any, SegmentSettings], jax.Array]
@@ -24,16 +31,8 @@ class SamplerState(NamedTuple):
     prev_denoised: jax.Array  # DPM-Solver++(2M)'s history; zeros for the other samplers
 
 
-def check_seed(seed: int, what: str = "seed") -> int:
-    """Seeds are 32-bit: jax would silently alias a negative or larger one to another seed."""
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"{what} must be in [0, 2**32 - 1], got {seed}")
-    return seed
-
-
-def example_keys(seed: int | jax.Array, example_indices) -> jax.Array:
-    """One key per example: fold_in(seed key, global example index)."""
-    key = jax.random.key(check_seed(seed)) if isinstance(seed, int) else seed
+def example_keys(key: jax.Array, example_indices) -> jax.Array:
+    """One key per example: fold_in(a stage's sampling key, global example index)."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(example_indices, jnp.uint32))
 
 
@@ -41,11 +40,8 @@ def _normal_per_example(keys, shape, salt):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(keys)
 
 
-_INITIAL_NOISE_SALT = 0x7FFFFFFF  # step noise uses the step index; keep the initial draw apart
-
-
 def initial_noise(keys, shape, sigma_max) -> jax.Array:
-    return sigma_max * _normal_per_example(keys, shape, _INITIAL_NOISE_SALT)
+    return sigma_max * _normal_per_example(keys, shape, Stream.INITIAL_NOISE)
 
 
 def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
@@ -71,7 +67,8 @@ def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
 
     sigma_hat = sigma * (1.0 + gammas[i])
     if settings.stochastic:
-        eps = _normal_per_example(keys, x.shape[1:], i)
+        eps = _normal_per_example(jax.vmap(lambda k: jax.random.fold_in(k, Stream.CHURN))(keys),
+                                  x.shape[1:], i)
         x = x + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * eps
     d = (x - denoise(0, x, per_ex(sigma_hat))) / sigma_hat
     x_next = x + (sigma_next - sigma_hat) * d
@@ -114,10 +111,12 @@ class PlanRunner:
 
     def _segment_loop(
         self, params_first, params_second, state, sigmas, gammas, s_noise, start, stop, scale,
-        style_scale, cond, uncond, cond_text, keys, *, settings: SegmentSettings,
+        style_scale, cond, keys, *, settings: SegmentSettings,
     ):
         self.trace_count += 1
         expert_params = (params_first, params_second)
+        uncond = cond.unconditional() if settings.use_cfg else None
+        cond_text = cond.text_only() if settings.use_cfg and settings.style_cfg else None
 
         fn = functools.partial(self.denoise_fn, settings=settings)
         base_fn = None
@@ -150,16 +149,12 @@ class PlanRunner:
         plan: Plan,
         expert_params: Sequence[Any],
         cond: Any,
-        uncond: Any,
         keys: jax.Array,
         x: jax.Array,
-        cond_text: Any = None,
     ) -> jax.Array:
         """Integrate from x (already at sigma_max scale) through every segment of the plan.
-        `cond_text` (cond without its style embedding) is needed by style-guided segments."""
-        if cond_text is None and any(s.settings.style_cfg for s in plan.segments):
-            raise ValueError("the plan guides style separately: give cond_text (cond without "
-                             "the style embedding)")
+        Guided segments need `cond.unconditional()` (and style-guided ones `cond.text_only()`):
+        models.conditioning.Conditioning has both."""
         self._steps_seen, self._num_steps = set(), plan.num_steps
         sigmas = jnp.asarray(plan.sigmas, jnp.float32)
         gammas = jnp.asarray(plan.gammas, jnp.float32)
@@ -179,8 +174,6 @@ class PlanRunner:
                 jnp.float32(seg.guidance_scale),
                 jnp.float32(seg.style_scale),
                 cond,
-                uncond,
-                cond_text if seg.settings.style_cfg else None,
                 keys,
             )
         return state.x
@@ -191,19 +184,19 @@ class PlanRunner:
         expert_params: Sequence[Any],
         shape: tuple[int, ...],
         *,
-        seed: int,
+        seed: int | jax.Array,
         example_indices,
         cond: Any = None,
-        uncond: Any = None,
         batch_sharding: jax.sharding.Sharding | None = None,
-        cond_text: Any = None,
     ) -> jax.Array:
-        """Draw the examples `example_indices` of run `seed`: initial noise, then the plan.
-        `shape` is one example's shape (e.g. [H, W, C]); `batch_sharding` places the batch
-        (e.g. NamedSharding(mesh, P(("data", "fsdp")))) and with it every segment's work."""
+        """Draw the examples `example_indices` of run `seed` (an int: its stage-0 sampling key;
+        or a stage's key, rng.sampling_key): initial noise, then the plan. `shape` is one
+        example's shape (e.g. [H, W, C]); `batch_sharding` places the batch (e.g.
+        NamedSharding(mesh, P(("data", "fsdp")))) and with it every segment's work."""
         indices = jnp.asarray(example_indices, jnp.uint32)
         if batch_sharding is not None:
             indices = jax.device_put(indices, batch_sharding)
-        keys = example_keys(seed, indices)
+        key = sampling_key(seed) if isinstance(seed, int) else root(seed)
+        keys = example_keys(key, indices)
         x = initial_noise(keys, tuple(shape), float(plan.sigmas[0]))
-        return self.run(plan, expert_params, cond, uncond, keys, x, cond_text)
+        return self.run(plan, expert_params, cond, keys, x)

@@ -265,7 +265,7 @@ def main(argv=None, *, features: Features | None = None) -> int:
 
     configure_cpu_host()
     try:
-        from ediffi_jax.diffusion.sampling import check_seed
+        from ediffi_jax.rng import check_seed
 
         check_seed(args.seed, "--seed")
         scales = parse_scales(args.scales)

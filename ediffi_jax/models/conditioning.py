@@ -73,3 +73,7 @@ class Conditioning:
         """Every text/image part zeroed; the low-res image of an SR stage kept."""
         zeroed = jax.tree.map(jnp.zeros_like, self.replace(lowres=None, lowres_sigma=None))
         return zeroed.replace(lowres=self.lowres, lowres_sigma=self.lowres_sigma)
+
+    def text_only(self) -> "Conditioning":
+        """The style (CLIP image) embedding zeroed: separate style guidance's middle branch."""
+        return self.replace(clip_image=jnp.zeros_like(self.clip_image))

@@ -10,8 +10,9 @@ workdir or an export), whose config gives the stage's name:
         {"ensemble": "sr64", "paint": false, "style": true}]}
 
 `paint` / `style` (default true) carry paint-with-words masks and the style image to a stage.
-Conditioning is encoded once per distinct encoder setup and shared by the stages. Stage k > 0
-draws its noise from fold_in(key(seed), k), so the base stage's images equal a base-only run's.
+Conditioning is encoded once per distinct encoder setup and shared by the stages; each stage's
+plan and paint-with-words masks are built once per sampler. Stage k draws its noise from
+rng.sampling_key(seed, k), so the base stage's images equal a base-only run's (stage 0).
 Each SR stage receives the previous stage's images, clipped to [-1, 1], upsampled (bicubic) to
 its size and noise-augmented to its `sampling.noise_aug_sigma`.
 """
@@ -35,7 +36,10 @@ from ediffi_jax.models.experts import ExpertEnsemble
 from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from ediffi_jax.parallel.mesh import batch_sharding, replicated
-from ediffi_jax.pipeline.generate import denoise_batch, sample_settings, to_uint8
+from ediffi_jax.paint.bias import PaintSettings
+from ediffi_jax.pipeline.generate import (Paint, denoise_batch, sample_settings, sampling_plan,
+                                         to_uint8)
+from ediffi_jax.rng import sampling_key
 from ediffi_jax.runs.data import training_vocabulary
 from ediffi_jax.runs.spec import RunSpec, image_resolution, parse_run
 from ediffi_jax.runs.store import expert_workdirs, load_ensemble, run_config
@@ -154,7 +158,6 @@ class CascadeSampler:
                  progress=None):
         check_chain(stages, from_images)
         if mesh is not None:  # params replicated beside the sharded batch
-
             stages = [dataclasses.replace(s, ensemble=ExpertEnsemble(
                 s.ensemble.intervals, jax.device_put(s.ensemble.params, replicated(mesh))))
                 for s in stages]
@@ -163,6 +166,13 @@ class CascadeSampler:
         self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model)), progress)
                         for s in stages]
         self._conditioners: dict = {}
+        self._plans: dict = {}
+        self._paint_rows: dict = {}
+
+    def set_progress(self, progress) -> None:
+        """`progress(step, num_steps)` hears of every sampler step of every stage from now on."""
+        for runner in self.runners:
+            runner.progress = progress
 
     def conditioner(self, stage: Stage):
         """One conditioner (and one encoding per batch) per distinct encoders + token layout
@@ -174,6 +184,39 @@ class CascadeSampler:
             self._conditioners[key] = (key, make_conditioner(stage.run.encoders, m,
                                                              vocabulary=vocabulary))
         return self._conditioners[key]
+
+    def plan(self, k: int, resolution: int | None = None, paint: PaintSettings | None = None,
+             what: str = "resolution"):
+        """Stage k's sampling plan at `resolution` (default its own; the last stage may sample
+        past it with its highres settings), built once per sampler and reused by every batch.
+        A resolution the stage cannot make is a ConfigError naming it (as `what`)."""
+        stage = self.stages[k]
+        res = resolution or stage.resolution
+        key = (k, res, paint if stage.paint else None)
+        if key not in self._plans:
+            try:
+                self._plans[key] = sampling_plan(stage.run.stage.model, stage.ensemble,
+                                                 stage.sampling, res, stage.highres, key[2],
+                                                 stage.resolution)
+            except ValueError as e:
+                raise ConfigError(f"{what} {res} ({stage.name!r} makes "
+                                  f"{stage.resolution}): {e}" if res != stage.resolution
+                                  else str(e)) from None
+        return self._plans[key]
+
+    def paint_conditioning(self, k: int, paint: Paint, prompts: Sequence[str]) -> np.ndarray:
+        """Stage k's paint-with-words token masks for `prompts` [N, Hm, Wm, L], each prompt's
+        row built once per sampler (a phrase missing from a prompt is an error here, before
+        any sampling)."""
+        stage = self.stages[k]
+        ckey, conditioner = self.conditioner(stage)
+        missing = [q for q in dict.fromkeys(prompts) if (ckey, id(paint), q) not in self._paint_rows]
+        if missing:
+            rows = paint.conditioning(conditioner, stage.run.stage.model, missing)
+            for q, row in zip(missing, rows):
+                # The paint object is kept with its rows, so its id is not reused meanwhile.
+                self._paint_rows[(ckey, id(paint), q)] = (paint, row)
+        return np.stack([self._paint_rows[(ckey, id(paint), q)][1] for q in prompts])
 
     @property
     def batch_multiple(self) -> int:
@@ -190,6 +233,10 @@ class CascadeSampler:
     def __call__(self, prompts: Sequence[str], **kw) -> list[np.ndarray]:
         """uint8 images [N, H, W, 3] of every stage, in order (`each_stage`'s arguments)."""
         return list(self.each_stage(prompts, **kw))
+
+    def sample(self, prompts: Sequence[str], **kw) -> np.ndarray:
+        """The last stage's uint8 images [N, H, W, 3] (`each_stage`'s arguments)."""
+        return self(prompts, **kw)[-1]
 
     def each_stage(self, prompts: Sequence[str], *, seed: int = 0, first_index: int = 0,
                    paint=None, style_images=None, resolution: int | None = None):
@@ -225,12 +272,14 @@ class CascadeSampler:
             encoded[key] = conditioner.encode(list(prompts), style_images)
         cond = encoded[key]
         if not stage.style:
-            cond = cond.replace(clip_image=np.zeros_like(cond.clip_image))
-        if paint is not None and stage.paint:
-            cond = cond.replace(paint=paint.conditioning(conditioner, model, prompts))
+            cond = cond.text_only()
+        painted = paint is not None and stage.paint
+        if painted:
+            cond = cond.replace(paint=self.paint_conditioning(k, paint, prompts))
         res = resolution or stage.resolution
+        plan = self.plan(k, res, paint.settings if painted else None)
         indices = np.arange(first_index, first_index + len(prompts))
-        seed_key = jax.random.key(seed) if k == 0 else jax.random.fold_in(jax.random.key(seed), k)
+        seed_key = sampling_key(seed, k)
         cond = self._place(cond)
         if stage.lowres_scale:
             if previous is None:
@@ -239,10 +288,8 @@ class CascadeSampler:
                                 stage.sampling.noise_aug_sigma,
                                 example_keys(seed_key, self._place(indices)))
         x = denoise_batch(stage.run, stage.ensemble, cond, indices, seed=seed_key,
-                          sampling=stage.sampling, resolution=res,
-                          native_resolution=stage.resolution, runner=runner,
-                          highres=stage.highres, batch_sharding=self._sharding(),
-                          paint=paint.settings if paint is not None and stage.paint else None)
+                          resolution=res, native_resolution=stage.resolution, runner=runner,
+                          batch_sharding=self._sharding(), plan=plan)
         return jnp.clip(x, -1.0, 1.0)
 
     @staticmethod

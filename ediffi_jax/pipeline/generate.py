@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from ediffi_jax.config import ConfigError, apply_override, section
-from ediffi_jax.diffusion.plan import SamplingConfig
+from ediffi_jax.diffusion.plan import Plan, SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
@@ -66,22 +66,21 @@ def denoise_batch(run: RunSpec, ensemble: ExpertEnsemble, cond, example_indices,
                   sampling: SamplingConfig | None = None, resolution: int | None = None,
                   native_resolution: int | None = None, runner: PlanRunner | None = None,
                   highres: HighResConfig | None = None, paint: PaintSettings | None = None,
-                  batch_sharding=None) -> jax.Array:
-    """Sample the examples `example_indices` of run `seed` (an int or a key) from encoded
-    conditioning: float images in about [-1, 1], [N, res, res, C]. `native_resolution` is the
-    size the stage was made for (default the model's): ScaleCrafter applies past it."""
+                  batch_sharding=None, plan: Plan | None = None) -> jax.Array:
+    """Sample the examples `example_indices` of run `seed` (an int or a stage's key,
+    rng.sampling_key) from encoded conditioning: float images in about [-1, 1],
+    [N, res, res, C]. `native_resolution` is the size the stage was made for (default the
+    model's): ScaleCrafter applies past it. `plan`: one already built for these settings (a
+    caller sampling many batches builds it once); the runner derives every guidance branch."""
     model = run.stage.model
-    sampling = sampling or run.stage.sampling
     res = resolution or native_resolution or model.resolution
     runner = runner or PlanRunner(unet_denoise_fn(UNet(model)))
-    plan = sampling_plan(model, ensemble, sampling, res, highres, paint, native_resolution)
-    # Style guided on its own scale: the text-only branch is cond without the image embedding.
-    cond_text = None
-    if any(s.settings.style_cfg for s in plan.segments):
-        cond_text = cond.replace(clip_image=jnp.zeros_like(cond.clip_image))
+    if plan is None:
+        plan = sampling_plan(model, ensemble, sampling or run.stage.sampling, res, highres,
+                             paint, native_resolution)
     return runner.sample(plan, ensemble.params, (res, res, model.out_channels), seed=seed,
-                         example_indices=example_indices, cond=cond, uncond=cond.unconditional(),
-                         cond_text=cond_text, batch_sharding=batch_sharding)
+                         example_indices=example_indices, cond=cond,
+                         batch_sharding=batch_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
