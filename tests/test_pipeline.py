@@ -2,15 +2,16 @@
 random transforms, multiprocess prefetch and global device arrays."""
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ediffi_jax.data.pipeline import (
-    PickCaption, checkpoint_restore_args, checkpoint_save_args, collate, global_batch_indices,
+    PickCaption, collate, global_batch_indices,
     make_pipeline, to_global_arrays,
 )
 from ediffi_jax.data.records import RecordSource, write_records
+from ediffi_jax.runs.checkpoint import Checkpointer
 
 N = 10
 SOURCE = [{"x": np.int32(i), "image": np.full((2, 2, 3), i, np.uint8), "caption": f"c{i}"}
@@ -141,7 +142,8 @@ def test_iterator_state_resumes_on_exactly_the_next_batch():
     _assert_batches_equal(_take(fresh, 4), expected)
 
 
-def test_orbax_checkpoint_of_the_iterator_resumes_exactly(tmp_path):
+def test_a_checkpoint_of_the_iterator_resumes_exactly(tmp_path):
+    """Through the Checkpointer, the one reader and writer of runs."""
     write_records(tmp_path / "data" / "train", SOURCE, num_shards=2, progress=False)
 
     def build():
@@ -154,20 +156,19 @@ def test_orbax_checkpoint_of_the_iterator_resumes_exactly(tmp_path):
 
     it = iter(build())
     _take(it, 4)
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as mgr:
-        mgr.save(4, args=checkpoint_save_args(
-            it, meta=ocp.args.JsonSave({"step": 4})))
-        mgr.wait_until_finished()
+    state = {"w": jnp.arange(3.0)}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(4, state, data_iterator=it, config={"step": 4})
+    ckpt.close()
     del it
 
     restored = iter(build())
-    with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as mgr:
-        out = mgr.restore(4, args=checkpoint_restore_args(restored, meta=ocp.args.JsonRestore()))
-    assert out["meta"] == {"step": 4}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), create=False)
+    got, step = ckpt.restore(jax.eval_shape(lambda: state), data_iterator=restored)
+    assert step == 4 and ckpt.restore_config(4) == {"step": 4}
+    np.testing.assert_array_equal(got["w"], state["w"])
+    ckpt.close()
     _assert_batches_equal(_take(restored, 3), uninterrupted[4:])
-    with pytest.raises(ValueError, match="reserved"):
-        checkpoint_save_args(restored, data_iterator=None)
 
 
 def test_multiprocess_prefetch_gives_the_same_batches_and_resumes(tmp_path):

@@ -103,3 +103,26 @@ def test_the_train_step_constrains_activations_under_the_mesh_rules():
             planned.state_shardings, planned.mesh,
             jax.tree.map(lambda x: x.sharding, planned.batch)).lower(*args).as_text()
     assert "sharding_constraint" not in bare
+
+
+def test_the_sampler_constrains_activations_under_the_mesh_rules():
+    """A PlanRunner given the mesh (as CascadeSampler gives it its own) traces each segment
+    loop inside the activation rules: the guided batch (cond + uncond, 2 x 8) of every
+    block's activation is pinned to batch over (data, fsdp). Without the mesh, none is."""
+    from ediffi_jax.diffusion.plan import SamplingConfig
+    from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
+    from ediffi_jax.rng import sampling_key
+
+    mesh = make_mesh((1, 8, 1))
+    place = lambda t: jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), t)  # noqa: E731
+    plan = SamplingConfig(sampler="euler", num_steps=2, guidance_scale=2.0).plan()
+    cond = place(tiny_conditioning(CFG, 8))
+    keys = example_keys(sampling_key(0), place(jnp.arange(8, dtype=jnp.uint32)))
+    x = initial_noise(keys, (16, 16, 3), float(plan.sigmas[0]))
+    lowered = lambda m: PlanRunner(unet_denoise_fn(UNet(CFG)), mesh=m).lower(  # noqa: E731
+        plan, [tiny_params(CFG)], cond, keys, x).as_text()
+    pinned = re.findall(r'sdy\.sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}, \{\}, \{\}, \{\}\]>'
+                        r' : tensor<16x16x16x8xf32>', lowered(mesh))
+    assert len(pinned) >= 2
+    assert "sharding_constraint" not in lowered(None)

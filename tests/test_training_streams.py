@@ -2,7 +2,6 @@
 fold_in(fold_in(key(seed), salt), index or step), and no purpose of one seed shares a key with
 another purpose of any other seed (with key(seed + k) per purpose, seed 1's examples drew what
 seed 0's dropout had)."""
-import functools
 
 import jax
 import jax.numpy as jnp

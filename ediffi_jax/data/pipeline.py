@@ -28,7 +28,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 INDEX_KEY = "index"
-ITERATOR_KEY = "data_iterator"  # the item name of the iterator inside an orbax Composite
 DEFAULT_BATCH_SPEC = PartitionSpec(("data", "fsdp"))
 
 
@@ -194,8 +193,8 @@ def make_pipeline(
     """This process's batches of `global_batch_size / process_count` examples, as an IterDataset.
 
     `iter(ds)` gives an iterator whose `get_state()`/`set_state()` resume exactly on the next
-    batch (see `checkpoint_save_args`). `num_epochs=None` repeats forever; every epoch is a fresh
-    permutation. `transform` is a callable on one example dict, a grain Map/RandomMap/MapWithIndex,
+    batch (runs/checkpoint.py saves it beside the train state). `num_epochs=None` repeats
+    forever; every epoch is a fresh permutation. `transform` is a callable on one example dict, a grain Map/RandomMap/MapWithIndex,
     or a list of them; it sees the "index" field. `worker_count > 0` moves reading and transforms
     into that many worker processes (grain `mp_prefetch`; same batches, same order; workers
     start by spawn, so the source and transforms must be picklable -- module-level classes, no
@@ -258,34 +257,6 @@ def global_batch_indices(step: int, global_batch_size: int) -> np.ndarray:
     return np.arange(step * global_batch_size, (step + 1) * global_batch_size, dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------- orbax
-def checkpoint_save_args(iterator: Any, **items: Any):
-    """`ocp.args.Composite` saving the pipeline iterator (plus any other items, e.g. state=...).
-
-        mgr.save(step, args=checkpoint_save_args(it, state=ocp.args.StandardSave(state)))
-    """
-    import orbax.checkpoint as ocp
-
-    if ITERATOR_KEY in items:
-        raise ValueError(f"item name {ITERATOR_KEY!r} is reserved for the data iterator")
-    return ocp.args.Composite(**{ITERATOR_KEY: grain.checkpoint.CheckpointSave(iterator)}, **items)
-
-
-def checkpoint_restore_args(iterator: Any, **items: Any):
-    """`ocp.args.Composite` restoring into a fresh iterator of an identically built pipeline.
-
-    The iterator is restored in place: `mgr.restore(step, args=checkpoint_restore_args(it))`,
-    then `next(it)` is the batch that followed the saved one.
-    """
-    import orbax.checkpoint as ocp
-
-    if ITERATOR_KEY in items:
-        raise ValueError(f"item name {ITERATOR_KEY!r} is reserved for the data iterator")
-    return ocp.args.Composite(
-        **{ITERATOR_KEY: grain.checkpoint.CheckpointRestore(iterator)}, **items
-    )
-
-
 # ----------------------------------------------------------------------------- device arrays
 def _is_numeric(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
@@ -329,7 +300,7 @@ def to_global_arrays(
 
 
 __all__ = [
-    "INDEX_KEY", "ITERATOR_KEY", "AddIndex", "PickCaption", "collate", "make_pipeline",
-    "global_batch_indices", "checkpoint_save_args", "checkpoint_restore_args",
+    "INDEX_KEY", "AddIndex", "PickCaption", "collate", "make_pipeline",
+    "global_batch_indices",
     "to_global_arrays", "ensure_absl_flags_parsed",
 ]

@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ediffi_jax.diffusion.edm import P_MEAN, P_STD
 from ediffi_jax.diffusion.intervals import SINGLE, ExpertInterval, owner, validate_layout
 from ediffi_jax.diffusion.schedules import karras_sigmas
 
@@ -136,8 +135,6 @@ def build_plan(
     uncond_layer_settings: Callable[[int, float], tuple | None] | None = None,
     paint: Any = None,
     style_guidance_scale: float | None = None,
-    p_mean: float = P_MEAN,
-    p_std: float = P_STD,
 ) -> Plan:
     """Turn a sigma schedule and an expert layout into segments.
 
@@ -175,7 +172,7 @@ def build_plan(
     steps = []
     for i in range(len(sigmas) - 1):
         evals = evaluation_sigmas(sampler, sigmas[i], sigmas[i + 1], gammas[i])
-        who = [owner(intervals, s, p_mean, p_std) for s in evals]
+        who = [owner(intervals, s) for s in evals]
         experts = (who[0], who[-1])
         scale = scales[experts[0]]
         settings = SegmentSettings(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ediffi_jax.diffusion.guidance import guided_denoise
 from ediffi_jax.diffusion.plan import Plan, SegmentSettings
+from ediffi_jax.parallel.mesh import with_activation_rules
 from ediffi_jax.rng import Stream, root, sampling_key
 
 # denoise_fn(params, x, sigma[B], cond, settings) -> D(x; sigma) in float32
@@ -95,9 +96,10 @@ class PlanRunner:
     """
 
     def __init__(self, denoise_fn: DenoiseFn,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, mesh=None):
         self.denoise_fn = denoise_fn
         self.progress = progress
+        self.mesh = mesh  # the loops trace inside its activation rules (parallel/mesh.py)
         self.trace_count = 0
         self._loops: dict[SegmentSettings, Callable] = {}
         self._steps_seen: set[int] = set()
@@ -139,10 +141,26 @@ class PlanRunner:
 
     def loop(self, settings: SegmentSettings) -> Callable:
         if settings not in self._loops:
-            self._loops[settings] = jax.jit(
-                functools.partial(self._segment_loop, settings=settings), donate_argnums=(2,)
-            )
+            fn = functools.partial(self._segment_loop, settings=settings)
+            if self.mesh is not None:  # the models' activation constraints act
+                fn = with_activation_rules(fn, self.mesh)
+            self._loops[settings] = jax.jit(fn, donate_argnums=(2,))
         return self._loops[settings]
+
+    def _segment_args(self, plan: Plan, seg, expert_params, state, cond, keys) -> tuple:
+        return (expert_params[seg.experts[0]], expert_params[seg.experts[1]], state,
+                jnp.asarray(plan.sigmas, jnp.float32), jnp.asarray(plan.gammas, jnp.float32),
+                jnp.float32(plan.s_noise), jnp.int32(seg.start), jnp.int32(seg.stop),
+                jnp.float32(seg.guidance_scale), jnp.float32(seg.style_scale), cond, keys)
+
+    def lower(self, plan: Plan, expert_params: Sequence[Any], cond: Any, keys: jax.Array,
+              x: jax.Array, segment: int = 0):
+        """The lowered loop of one segment (jax's Lowered: .as_text(), .compile()), for
+        reading what a sampling call compiles to."""
+        seg = plan.segments[segment]
+        state = SamplerState(x, jnp.zeros_like(x))
+        return self.loop(seg.settings).lower(
+            *self._segment_args(plan, seg, expert_params, state, cond, keys))
 
     def run(
         self,
@@ -156,26 +174,12 @@ class PlanRunner:
         Guided segments need `cond.unconditional()` (and style-guided ones `cond.text_only()`):
         models.conditioning.Conditioning has both."""
         self._steps_seen, self._num_steps = set(), plan.num_steps
-        sigmas = jnp.asarray(plan.sigmas, jnp.float32)
-        gammas = jnp.asarray(plan.gammas, jnp.float32)
         # A fresh buffer: the loops donate their state, the caller keeps x.
         x = jnp.array(x, jnp.float32, copy=True)
         state = SamplerState(x, jnp.zeros_like(x))
         for seg in plan.segments:
             state = self.loop(seg.settings)(
-                expert_params[seg.experts[0]],
-                expert_params[seg.experts[1]],
-                state,
-                sigmas,
-                gammas,
-                jnp.float32(plan.s_noise),
-                jnp.int32(seg.start),
-                jnp.int32(seg.stop),
-                jnp.float32(seg.guidance_scale),
-                jnp.float32(seg.style_scale),
-                cond,
-                keys,
-            )
+                *self._segment_args(plan, seg, expert_params, state, cond, keys))
         return state.x
 
     def sample(

@@ -35,7 +35,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_channels", None),
 )
 
-BATCH_SPEC = P(("data", "fsdp"))
 
 
 @contextlib.contextmanager

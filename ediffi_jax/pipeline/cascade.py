@@ -163,7 +163,7 @@ class CascadeSampler:
                 for s in stages]
         self.stages = tuple(stages)
         self.mesh = mesh
-        self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model)), progress)
+        self.runners = [PlanRunner(unet_denoise_fn(UNet(s.run.stage.model)), progress, mesh)
                         for s in stages]
         self._conditioners: dict = {}
         self._plans: dict = {}
@@ -243,6 +243,8 @@ class CascadeSampler:
         """Yields each stage's uint8 images [N, H, W, 3] as it finishes (a later stage's failure
         leaves the earlier ones usable). `resolution` sets the last stage's output side
         (ScaleCrafter past its native size, by its highres settings)."""
+        if isinstance(paint, dict):
+            paint = Paint.from_masks(paint)
         n = len(prompts)
         pad = -n % self.batch_multiple  # repeat the last prompt to fill every device
         prompts = list(prompts) + [prompts[-1]] * pad

@@ -26,7 +26,7 @@ from ediffi_jax.models.experts import ExpertEnsemble
 from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
 from ediffi_jax.paint.bias import PaintSettings
-from ediffi_jax.paint.masks import paint_conditioning
+from ediffi_jax.paint.masks import PhraseMask, paint_conditioning
 from ediffi_jax.runs.data import training_vocabulary
 from ediffi_jax.runs.spec import RunSpec
 
@@ -91,6 +91,17 @@ class Paint:
     masks: tuple
     scale: float = 1.0
     settings: PaintSettings = PaintSettings()
+
+    @classmethod
+    def from_masks(cls, masks: dict, scale: float = 1.0,
+                   settings: PaintSettings = PaintSettings()) -> "Paint":
+        """From {phrase: mask [H, W] in [0, 1]} (or {phrase: (mask, strength)}) at the output
+        size; every prompt sampled with it must contain every phrase."""
+        phrases = []
+        for phrase, mask in masks.items():
+            mask, strength = mask if isinstance(mask, tuple) else (mask, 1.0)
+            phrases.append(PhraseMask(phrase, np.asarray(mask, np.float32), float(strength)))
+        return cls(tuple(phrases), scale, settings)
 
     def check(self, model) -> None:
         known = attention_block_names(model)
