@@ -54,10 +54,10 @@ def train_job(batch: int) -> dict:
 
     from ediffi_jax.config import load_config
     from ediffi_jax.models.unet import boxed_init
-    from ediffi_jax.rng import Stream, stream
     from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, sharded_init
-    from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
+    from ediffi_jax.rng import Stream, stream
     from ediffi_jax.runs.spec import parse_run, run_schema
+    from ediffi_jax.training.step import init_state, make_optimizer, state_shardings, train_step
 
     t0 = time.perf_counter()
     run = parse_run(load_config(CONFIG, [f"--config.train.batch_size={batch}"], run_schema()))
@@ -113,9 +113,9 @@ def sample_job(batch: int) -> dict:
     from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.models.experts import ExpertEnsemble
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet, init_params
     from ediffi_jax.parallel.mesh import batch_sharding, make_mesh
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.pipeline.generate import denoise_batch, sampling_plan
     from ediffi_jax.runs.spec import parse_run, run_schema
 

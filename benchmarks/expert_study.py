@@ -257,8 +257,8 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.eval.sweep import sample_images
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.runs.store import load_ensemble
 
     todo = [s for s in scales if (layout, seed, s) not in done]
@@ -295,8 +295,8 @@ def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8
     from ediffi_jax.diffusion import edm
     from ediffi_jax.diffusion.plan import SegmentSettings
     from ediffi_jax.encoders.conditioner import make_conditioner
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.runs.store import load_ensemble
 
     run, ensemble = load_ensemble(ensemble_path)

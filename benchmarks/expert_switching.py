@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from ediffi_jax.config import load_config
 from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS, SINGLE
 from ediffi_jax.diffusion.sampling import PlanRunner
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, init_params
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.runs.spec import parse_config
 
 

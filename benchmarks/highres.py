@@ -48,8 +48,8 @@ def quality(run, ensemble, resolution: int, num: int, out_dir: str | None, sigma
             only=None, batch: int = 16):
     from ediffi_jax.data.shapes import count_objects, parse_caption, pixel_labels, COLOUR_NAMES
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.pipeline.generate import generate, grid
 
     prompts = captions(run, num)
@@ -91,8 +91,8 @@ def timing(run, ensemble, resolution: int, rounds: int, sigma_tau: float, batch:
     import jax
 
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.pipeline.generate import generate
 
     sampling = dataclasses.replace(run.stage.sampling, num_steps=steps)

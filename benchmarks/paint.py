@@ -126,8 +126,8 @@ def timing(model: str, scale: float, weight: str, rounds: int, overrides=(),
     import jax
 
     from ediffi_jax.diffusion.sampling import PlanRunner
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.pipeline.generate import generate, sampling_with_overrides
     from ediffi_jax.runs.store import load_ensemble
 

@@ -226,9 +226,9 @@ def build_jax(model_fields: dict, variant: str, args, mesh):
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.diffusion.schedules import karras_sigmas
     from ediffi_jax.models.conditioning import Conditioning
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet, UNetConfig, boxed_init, count_params
     from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.training.step import (TrainConfig, init_state, make_optimizer, state_shardings, train_step)
 
     overrides, donate = VARIANTS["base" if variant.startswith("xla:") else variant]

@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from ediffi_jax.config import ConfigError
-    from ediffi_jax.rng import check_seed
     from ediffi_jax.parallel.mesh import make_mesh
     from ediffi_jax.pipeline.cascade import CascadeSampler, load_stage, read_cascade
     from ediffi_jax.pipeline.generate import StepProgress, mask_overlay
+    from ediffi_jax.rng import check_seed
 
     try:
         if args.num < 1 or args.batch < 0:

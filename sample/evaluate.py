@@ -26,9 +26,9 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     configure_cpu_host()
     from ediffi_jax.config import ConfigError
-    from ediffi_jax.rng import check_seed
     from ediffi_jax.eval.sweep import evaluate_shapes
     from ediffi_jax.pipeline.generate import StepProgress, grid, sampling_with_overrides
+    from ediffi_jax.rng import check_seed
     from ediffi_jax.runs.data import held_out_shapes
     from ediffi_jax.runs.store import load_ensemble
 

@@ -16,8 +16,8 @@ from ediffi_jax.data.stage import DegradeConfig, StageExample, degrade
 from ediffi_jax.diffusion import lowres
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels, conv_layer_paths
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
-from ediffi_jax.training.step import TrainConfig, with_lowres
 from ediffi_jax.runs.spec import run_schema
+from ediffi_jax.training.step import TrainConfig, with_lowres
 from ediffi_jax.training.trainer import train
 
 SR = tiny_unet_config(lowres_scale=2, block_mult=(1, 2), self_attention=False)
@@ -146,8 +146,8 @@ def stage_config(stage, extra=()):
 
 def write_stage(root, stage, seed, extra=(), name=None):
     """A tiny random stage as an export: config.json + params.safetensors."""
-    from ediffi_jax.models.unet import UNetConfig
     from ediffi_jax.config import section
+    from ediffi_jax.models.unet import UNetConfig
 
     config = stage_config(stage, extra)
     out = root / (name or stage)

@@ -14,8 +14,8 @@ from ediffi_jax.config import ConfigError, load_config
 from ediffi_jax.info import forward_flops
 from ediffi_jax.models.unet import boxed_init
 from ediffi_jax.parallel.mesh import logical_shardings, make_mesh
-from ediffi_jax.training.dry_run import Plan, _per_device_bytes, plan_run
 from ediffi_jax.runs.spec import parse_run, run_schema
+from ediffi_jax.training.dry_run import Plan, _per_device_bytes, plan_run
 
 # The tiny config, smaller still: compile time is what this test costs.
 SMALL = ["model.resolution=16", "model.channels=16", "model.channel_mult=(1,2)",

@@ -13,8 +13,8 @@ from ediffi_jax.diffusion.plan import build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.diffusion.schedules import karras_sigmas
 from ediffi_jax.models.experts import ExpertEnsemble
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, abstract_params
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
 
 

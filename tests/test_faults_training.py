@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,9 +17,9 @@ import pytest
 from ediffi_jax.config import ConfigError, load_config
 from tests.test_resume import OVERRIDES, ROOT
 from ediffi_jax.runs.checkpoint import Checkpointer
-from ediffi_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from ediffi_jax.runs.spec import run_schema
 from ediffi_jax.training import trainer
+from ediffi_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from ediffi_jax.training.trainer import train
 
 BASE = [o for o in OVERRIDES if not o.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]

@@ -10,9 +10,9 @@ import pytest
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.highres.disperse import DISPERSED, dispersion_matrix, structure_equations
 from ediffi_jax.highres.plans import HighResConfig, HighResPlan, conv_setting_for_factor, preset
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.layers import ConvSetting, conv2d, redilated_conv
 from ediffi_jax.models.unet import UNet, abstract_params, conv3x3_levels, conv_layer_paths
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from tests.tiny import tiny_conditioning, tiny_params, tiny_unet_config
 
 

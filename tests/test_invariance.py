@@ -12,9 +12,9 @@ from ediffi_jax.diffusion.intervals import CONFIG_LAYOUTS
 from ediffi_jax.diffusion.plan import SegmentSettings, build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.diffusion.schedules import karras_sigmas
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
 from ediffi_jax.parallel.mesh import batch_sharding, make_mesh
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from tiny import tiny_conditioning, tiny_params, tiny_unet_config
 
 CFG = tiny_unet_config()

@@ -47,8 +47,8 @@ CFG = tiny_unet_config(t5_length=6, clip_length=6)
 
 def _denoise(cond, paint_settings):
     from ediffi_jax.diffusion.plan import SegmentSettings
-    from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.models.unet import UNet
+    from ediffi_jax.pipeline.denoise import unet_denoise_fn
 
     x = jax.random.normal(jax.random.key(0), (cond.batch_size, 16, 16, 3))
     fn = unet_denoise_fn(UNet(CFG))

@@ -6,8 +6,8 @@ import pytest
 
 from ediffi_jax.diffusion.plan import SamplingConfig
 from ediffi_jax.diffusion.sampling import PlanRunner
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from tests.tiny import tiny_conditioning, tiny_params, tiny_unet_config
 
 CFG = tiny_unet_config()

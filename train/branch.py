@@ -52,9 +52,9 @@ def main(argv=None) -> int:
 
     from ediffi_jax.config import ConfigError, apply_override, fill_defaults, section
     from ediffi_jax.parallel.distributed import DistributedConfig, initialize
-    from ediffi_jax.runs.store import run_config
     from ediffi_jax.runs.checkpoint import CheckpointSaveError
     from ediffi_jax.runs.spec import parse_run
+    from ediffi_jax.runs.store import run_config
     from ediffi_jax.training.trainer import train
 
     try:

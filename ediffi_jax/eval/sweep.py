@@ -36,8 +36,8 @@ from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.eval.fid import extract_features, fid, load_images, statistics
 from ediffi_jax.eval.fidelity import prompt_fidelity
 from ediffi_jax.eval.inception import load_params
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.pipeline.generate import generate, sampling_conditioner
 from ediffi_jax.runs.data import held_out_shapes
 

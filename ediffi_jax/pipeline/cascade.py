@@ -33,10 +33,10 @@ from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet
-from ediffi_jax.parallel.mesh import batch_sharding, replicated
 from ediffi_jax.paint.bias import PaintSettings
+from ediffi_jax.parallel.mesh import batch_sharding, replicated
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.pipeline.generate import (Paint, denoise_batch, sample_settings, sampling_plan,
                                          to_uint8)
 from ediffi_jax.rng import sampling_key
@@ -266,7 +266,6 @@ class CascadeSampler:
         stage's images `previous` ([N, h, w, 3] in [-1, 1]) for an SR stage. `encoded` caches
         the conditioning between stages of one batch."""
         stage, runner = self.stages[k], self.runners[k]
-        model = stage.run.stage.model
         key, conditioner = self.conditioner(stage)
         encoded = {} if encoded is None else encoded
         if key not in encoded:

@@ -23,10 +23,10 @@ from ediffi_jax.diffusion.sampling import PlanRunner
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.highres.plans import HighResConfig
 from ediffi_jax.models.experts import ExpertEnsemble
-from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.models.unet import UNet, attention_block_names, conv3x3_levels
 from ediffi_jax.paint.bias import PaintSettings
 from ediffi_jax.paint.masks import PhraseMask, paint_conditioning
+from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.runs.data import training_vocabulary
 from ediffi_jax.runs.spec import RunSpec
 

@@ -20,26 +20,26 @@ import jax
 import numpy as np
 
 from ediffi_jax.config import ConfigError, section, to_dict
+from ediffi_jax.data.embeddings import ConditioningLayout, UnpackConditioning
 from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
+from ediffi_jax.data.records import RecordSource
+from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
+from ediffi_jax.data.stage import DegradeConfig, StageExample
 from ediffi_jax.diffusion.edm import LogNormalSigma
 from ediffi_jax.encoders.conditioner import make_conditioner
 from ediffi_jax.models.conditioning import FIELDS, Conditioning
 from ediffi_jax.models.unet import UNet, boxed_init
-from ediffi_jax.rng import Stream, stream
+from ediffi_jax.parallel.distributed import DistributedConfig, initialize
 from ediffi_jax.parallel.mesh import (logical_shardings, make_mesh, sharded_init,
                                       with_activation_rules)
+from ediffi_jax.rng import Stream, stream
 from ediffi_jax.runs.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from ediffi_jax.runs.spec import DataConfig, RunSpec, check_stage_sizes, image_resolution, parse_run
+from ediffi_jax.runs.store import is_export, load_params
 from ediffi_jax.training.lock import WorkdirLock
 from ediffi_jax.training.resume import check_changes, check_resume, truncate_metrics
 from ediffi_jax.training.step import (TrainState, all_finite, init_state, learning_rate,
                                       make_optimizer, state_shardings, train_step)
-from ediffi_jax.data.embeddings import ConditioningLayout, UnpackConditioning
-from ediffi_jax.data.records import RecordSource
-from ediffi_jax.data.shapes import ShapesConfig, ShapesSource
-from ediffi_jax.data.stage import DegradeConfig, StageExample
-from ediffi_jax.parallel.distributed import DistributedConfig, initialize
-from ediffi_jax.runs.store import is_export, load_params
 from ediffi_jax.training.tensorboard import SummaryWriter, truncate_events
 
 SIGMA_BUCKETS = (0.125, 0.5, 0.875)  # log-normal quantiles splitting the per-bucket loss
