@@ -114,15 +114,15 @@ def test_precompute_stores_what_the_encoders_give_and_resumes(encoders, tmp_path
             raise KeyboardInterrupt
         return real_write(path, examples)
 
-    monkeypatch.setattr(records, "write_shard", flaky)
+    monkeypatch.setattr(pc, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         pc.precompute(config, data, out, images=True, batch=2, chunk=2, log=lambda *_: None)
     assert not os.path.exists(f"{out}.json")
-    monkeypatch.setattr(records, "write_shard", real_write)
+    monkeypatch.setattr(pc, "write_shard", real_write)
     with pytest.raises(ConfigError, match="other settings .*dtype"):
         pc.precompute(config, data, out, images=True, dtype="bfloat16", batch=2, chunk=2)
     written = []
-    monkeypatch.setattr(records, "write_shard", lambda p, e: written.append(p) or real_write(p, e))
+    monkeypatch.setattr(pc, "write_shard", lambda p, e: written.append(p) or real_write(p, e))
     pc.precompute(config, data, out, images=True, batch=2, chunk=2, log=lambda *_: None)
     assert [os.path.basename(p) for p in written] == ["train-00001-of-00003.array_record",
                                                       "train-00002-of-00003.array_record"]
