@@ -30,20 +30,21 @@ from ediffi_jax.pipeline.denoise import unet_denoise_fn
 from ediffi_jax.runs.spec import parse_config
 
 
-def _dispatch_cost(plans, shape, repeats):
-    """Seconds per plan with a denoiser that does no work: what segments themselves cost."""
+def _dispatch_cost(plans, shape, repeats, cond):
+    """Seconds per plan with a denoiser that does no work: what segments themselves cost
+    (`cond`, batch 2, only feeds the runner's branch derivation; the denoiser ignores it)."""
     trivial = lambda params, x, sigma, cond, settings: x - sigma[:, None, None, None] * params  # noqa: E731
     runner = PlanRunner(trivial)
     experts = [jnp.float32(i + 1) for i in range(3)]
     x = jnp.zeros((2,) + shape)
     out = {}
     for name, plan in plans.items():
-        runner.run(plan, experts, None, None, x).block_until_ready()
+        runner.run(plan, experts, cond, None, x).block_until_ready()
     for name, plan in plans.items():
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            runner.run(plan, experts, None, None, x).block_until_ready()
+            runner.run(plan, experts, cond, None, x).block_until_ready()
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out
@@ -95,7 +96,7 @@ def main(argv=None):
         p = plans[name]
         print(f"| {name} | {len(p.segments)} | {len(p.distinct_settings())} | "
               f"{runners[name].trace_count} | {med[name]:.3f} | {med[name] / med['one model']:.3f} |")
-    dispatch = _dispatch_cost(plans, shape, repeats=200)
+    dispatch = _dispatch_cost(plans, shape, repeats=200, cond=model.zero_conditioning(2))
     extra = len(plans["3 experts"].segments) - len(plans["one model"].segments)
     per_segment = (dispatch["3 experts"] - dispatch["one model"]) / max(extra, 1)
     print("\n| network-free denoiser | median ms/batch |\n|---|---|")
