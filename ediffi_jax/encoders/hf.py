@@ -60,14 +60,20 @@ def read_config(directory: str) -> dict:
 
 
 class SafetensorsDir:
-    """The tensors of a directory's model.safetensors or sharded index, read on demand."""
+    """The tensors of a directory's `{stem}[.{variant}].safetensors` or its sharded index,
+    read on demand. transformers names the files `model.*`, diffusers
+    `diffusion_pytorch_model.*`; a variant ("fp16", "bf16") picks e.g. `model.fp16.safetensors`
+    or the index `model.safetensors.index.fp16.json`."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, stem: str = "model", variant: str | None = None):
         from safetensors import safe_open
 
         self.directory = directory
-        single = os.path.join(directory, "model.safetensors")
-        indexes = sorted(glob.glob(os.path.join(directory, f"*{INDEX_SUFFIX}")))
+        suffix = f".{variant}" if variant else ""
+        single = os.path.join(directory, f"{stem}{suffix}.safetensors")
+        index = os.path.join(directory, f"{stem}.safetensors.index{suffix}.json")
+        indexes = [index] if os.path.isfile(index) else (
+            [] if variant else sorted(glob.glob(os.path.join(directory, f"*{INDEX_SUFFIX}"))))
         if os.path.isfile(single):
             files = {None: single}
         elif indexes:
@@ -79,8 +85,10 @@ class SafetensorsDir:
                     raise CheckpointError(f"{indexes[0]} lists {os.path.basename(shard)}, which is "
                                           f"not in {directory}")
         else:
-            raise CheckpointError(f"{directory}: expected model.safetensors or a sharded "
-                                  f"model{INDEX_SUFFIX} with its shards")
+            present = sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors*")))
+            raise CheckpointError(f"{directory}: expected {os.path.basename(single)} or a sharded "
+                                  f"{os.path.basename(index)} with its shards"
+                                  f"{f' (found {present})' if present else ''}")
         self._handles = {}
         self._where = {}
         for path in sorted(set(files.values())):
@@ -108,7 +116,28 @@ class SafetensorsDir:
 _BUFFERS = ("position_ids",)
 
 
-def unused_tensors(tensors: "SafetensorsDir", names) -> list[str]:
+def diffusers_names(abstract_params) -> dict[tuple[str, ...], tuple[str, str]]:
+    """Hugging Face names of a params tree whose module names are diffusers' dotted names
+    (relative to their parent, so '.'.join(path) is the state-dict module name):
+    kernel -> weight (a conv if 4-d, else linear), scale -> weight (a norm),
+    embedding -> weight, bias -> bias."""
+    names = {}
+    for path, leaf in flatten_dict(abstract_params).items():
+        module, last = ".".join(path[:-1]), path[-1]
+        if last == "kernel":
+            names[path] = (f"{module}.weight", "conv" if len(leaf.shape) == 4 else "linear")
+        elif last == "scale":
+            names[path] = (f"{module}.weight", "norm")
+        elif last == "embedding":
+            names[path] = (f"{module}.weight", "embedding")
+        elif last == "bias":
+            names[path] = (f"{module}.bias", "raw")
+        else:
+            raise CheckpointError(f"param {'/'.join(path)}: no diffusers name for a leaf {last!r}")
+    return names
+
+
+def unused_tensors(tensors: "SafetensorsDir", names, whole_file: bool = False) -> list[str]:
     """Tensors of the module's own namespaces (the first name component of what `names` reads,
     e.g. `encoder` for T5, `text_model` for CLIP's text tower) that no param reads: weights the
     config does not ask for (more layers than `num_layers`, say), which a loader must not drop
@@ -116,20 +145,23 @@ def unused_tensors(tensors: "SafetensorsDir", names) -> list[str]:
     the module's and are left alone."""
     candidates = {c for hf_name, _ in names.values() for c in hf_name.split("|")}
     owned = {c.split(".")[0] for c in candidates}
-    return [n for n in tensors.names() if n.split(".")[0] in owned and n not in candidates
-            and not n.endswith(_BUFFERS)]
+    return [n for n in tensors.names() if (whole_file or n.split(".")[0] in owned)
+            and n not in candidates and not n.endswith(_BUFFERS)]
 
 
 def load(directory: str, names: Mapping[tuple[str, ...], tuple[str, str]], abstract_params,
-         shardings=None, dtype=np.float32, strict: bool = True):
+         shardings=None, dtype=np.float32, strict: bool = True, stem: str = "model",
+         variant: str | None = None, whole_file: bool = False):
     """The params tree of `abstract_params` read from `directory`. With `shardings` (a tree
     like abstract_params) each leaf is a global jax.Array on its sharding; without, numpy.
 
     Every param must be named in `names` and present in the checkpoint with the expected
     shape: errors name the Hugging Face tensor and the Flax path. Tensors of the module's
-    namespaces that no param reads are an error too (`strict=False`: a warning naming them)."""
-    tensors = SafetensorsDir(directory)
-    unused = unused_tensors(tensors, names)
+    namespaces (`whole_file`: of the whole file, as for a diffusers component) that no param
+    reads are an error too (`strict=False`: a warning naming them). `stem` / `variant` pick the
+    files (SafetensorsDir); a float16 variant is cast to `dtype` tensor by tensor."""
+    tensors = SafetensorsDir(directory, stem, variant)
+    unused = unused_tensors(tensors, names, whole_file)
     if unused:
         listed = f"{', '.join(unused[:4])}{f' (+{len(unused) - 4} more)' if len(unused) > 4 else ''}"
         message = (f"{directory}: {len(unused)} tensors that its config.json does not use: "
