@@ -38,6 +38,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # 2 means transformers' legacy pooling: at the largest id
+    projection: bool = True  # False: a plain CLIPTextModel (SD 1.x / 2.x), no text_projection
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -48,6 +49,8 @@ class CLIPTextConfig:
         """From a CLIPTextConfig's config.json or a CLIPModel's (its text_config)."""
         if "text_config" in hf:
             hf = {**hf["text_config"], "projection_dim": hf.get("projection_dim", 512)}
+        elif hf.get("architectures") == ["CLIPTextModel"]:
+            overrides = {"projection": False, **overrides}
         return config_from_hf(cls, hf, **overrides)
 
 
@@ -133,7 +136,7 @@ def _layers(cfg, x, mask, parent_name="layer"):
 
 class CLIPTextTower(nn.Module):
     """input_ids [B, N], attention_mask [B, N] or None -> (last hidden state [B, N, D],
-    pooled [B, D], projected [B, P]), float32."""
+    pooled [B, D], projected [B, P] or None without a projection), float32."""
 
     config: CLIPTextConfig
 
@@ -160,6 +163,8 @@ class CLIPTextTower(nn.Module):
         else:  # the first end-of-text token
             eot = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = x[jnp.arange(b), eot]
+        if not cfg.projection:
+            return x, pooled, None
         projected = Dense(cfg.projection_dim, ("embed", "mlp"), use_bias=False, dtype=jnp.float32,
                           name="text_projection")(pooled)
         return x, pooled, projected
@@ -226,7 +231,8 @@ def text_hf_names(config: CLIPTextConfig) -> dict:
     names[("position_embedding",)] = ("text_model.embeddings.position_embedding.weight", "embedding")
     names[("final_layer_norm", "scale")] = ("text_model.final_layer_norm.weight", "raw")
     names[("final_layer_norm", "bias")] = ("text_model.final_layer_norm.bias", "raw")
-    names[("text_projection", "kernel")] = ("text_projection.weight", "linear")
+    if config.projection:
+        names[("text_projection", "kernel")] = ("text_projection.weight", "linear")
     return names
 
 

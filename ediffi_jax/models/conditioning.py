@@ -77,3 +77,32 @@ class Conditioning:
     def text_only(self) -> "Conditioning":
         """The style (CLIP image) embedding zeroed: separate style guidance's middle branch."""
         return self.replace(clip_image=jnp.zeros_like(self.clip_image))
+
+
+@flax.struct.dataclass
+class PromptConditioning:
+    """A pretrained diffusers pipeline's conditioning: what its prompt encoder gives the U-Net
+    (the token embeddings, SDXL's pooled text and size/crop ids), for the prompt and for the
+    negative prompt. Classifier-free guidance's unconditional branch is the negative prompt's
+    encoding (diffusers' convention: an empty negative prompt is encoded, not zeroed, unless
+    the pipeline forces zeros), so `unconditional()` swaps it in; the ids are shared."""
+
+    context: jax.Array  # [B, L, D] encoder_hidden_states
+    context_mask: jax.Array  # [B, L], 1 where the U-Net may attend
+    negative_context: jax.Array
+    negative_mask: jax.Array
+    pooled: jax.Array | None = None  # [B, P] SDXL's text_embeds
+    negative_pooled: jax.Array | None = None
+    time_ids: jax.Array | None = None  # [B, 6] (SDXL base) or [B, 5] (refiner)
+    # Paint-with-words token masks [B, H_mask, W_mask, L]; zeros in the negative branch.
+    paint: jax.Array | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+    def unconditional(self) -> "PromptConditioning":
+        return self.replace(
+            context=self.negative_context, context_mask=self.negative_mask,
+            pooled=self.negative_pooled,
+            paint=None if self.paint is None else jnp.zeros_like(self.paint))
