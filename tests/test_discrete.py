@@ -74,18 +74,8 @@ def test_discrete_sigmas_and_timesteps(name, solver, karras, n):
             np.sqrt(sigmas[0] ** 2 + 1.0), rel=1e-6)
 
 
-# (fixture name, config, diffusers scheduler, karras, steps): tools/scheduler_fixtures.py
-TRAJECTORIES = [
-    ("euler_sd15", "sd15", "euler", False, 10),
-    ("euler_sdxl", "sdxl", "euler", False, 10),
-    ("euler_sdxl_karras", "sdxl", "euler", True, 10),
-    ("euler_sd21_v", "sd21", "euler", False, 10),
-    ("euler_zsnr_v", "zsnr", "euler", False, 10),
-    ("dpm_sdxl", "sdxl", "dpmsolver", False, 10),
-    ("dpm_sdxl_karras", "sdxl", "dpmsolver", True, 10),
-    ("dpm_sd21_v", "sd21", "dpmsolver", False, 20),
-    ("dpm_if", "if_nothreshold", "dpmsolver", False, 10),
-]
+# (fixture name, config, diffusers scheduler, karras, steps), as tools/scheduler_fixtures.py ran them
+TRAJECTORIES = [tuple(t) for t in json.loads(str(REF["trajectories"]))]
 
 
 @pytest.mark.parametrize("traj", TRAJECTORIES, ids=[t[0] for t in TRAJECTORIES])

@@ -102,7 +102,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rec = {"configs": np.array(json.dumps(CONFIGS)), "probe_sigmas": PROBE_SIGMAS}
+    rec = {"configs": np.array(json.dumps(CONFIGS)), "probe_sigmas": PROBE_SIGMAS,
+           "trajectories": np.array(json.dumps(TRAJECTORIES))}
     for name, config in CONFIGS.items():
         euler = scheduler(config, "euler", False)
         rec[f"{name}/alphas_cumprod"] = euler.alphas_cumprod.numpy()
