@@ -2,6 +2,7 @@
        [--num 4] [--seed 0] [--out samples/] [--batch N] [--config.sampling.num_steps=32 ...]
        [--resolution 128 --highres scalecrafter [--config.highres.disperse=True ...]]
        [--paint colors.png --paint-words words.json | --paint-mask "phrase=mask.png:1.0" ...]
+python -m sample --pretrained DIR --prompt ... [--negative-prompt ...]  (sample/pretrained.py)
 python -m sample --cascade cascade.json [--stages base,sr32,sr64] --prompt ... 
        [--config.sr32.sampling.num_steps=12 --config.sr64.sampling.noise_aug_sigma=0.02 ...]
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from ediffi_jax.config import split_overrides
 from ediffi_jax.parallel.host import configure_cpu_host
+from sample import pretrained
 
 
 def main(argv=None) -> int:
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ensemble", help="ensemble.json, a run's workdir or an export")
     source.add_argument("--cascade", help="a cascade file: a base stage, then SR stages")
+    source.add_argument("--pretrained", help="a local diffusers pipeline folder (SD 1.x / 2.x)")
     p.add_argument("--stages", help="comma-separated stage names of --cascade (default: all)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--num", type=int, default=4, help="samples per prompt")
@@ -64,8 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--style-image", help="a reference image: its CLIP image embedding conditions "
                    "every sample (needs encoders.clip_vision); its own guidance scale is "
                    "sampling.style_guidance_scale (default: guided with the text)")
+    pretrained.add_arguments(p)
     args = p.parse_args(rest)
     configure_cpu_host()
+    if args.pretrained:
+        return pretrained.run(args, overrides)
 
     from PIL import Image
 

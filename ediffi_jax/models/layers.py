@@ -88,25 +88,30 @@ def layer_path(module: nn.Module) -> str:
     return "/".join(module.scope.path)
 
 
-def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1):
-    """NHWC x HWIO convolution with SAME padding; dilation via rhs_dilation (no zero kernel)."""
+def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int | None = None):
+    """NHWC x HWIO convolution; dilation via rhs_dilation (no zero kernel). padding None: SAME;
+    an int p: p * dilation zeros on every side (torch's Conv2d(padding=p) re-dilated as
+    ScaleCrafter does, which differs from SAME for stride 2: diffusers' Downsample2D)."""
+    pad = "SAME" if padding is None else [(padding * dilation,) * 2] * 2
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
-        padding="SAME",
+        padding=pad,
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
 
 
 class Conv(nn.Module):
-    """A kxk conv whose dilation comes from `conv_settings[layer path]` (default 1)."""
+    """A kxk conv whose dilation comes from `conv_settings[layer path]` (default 1).
+    padding: None for SAME, or torch-style symmetric padding (see conv2d)."""
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     zero_init: bool = False
+    padding: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -122,7 +127,7 @@ class Conv(nn.Module):
         bias = self.param("bias", _param(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
         setting = (conv_settings or {}).get(layer_path(self), DEFAULT_CONV)
         return redilated_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                              setting) + bias.astype(self.dtype)
+                              setting, self.padding) + bias.astype(self.dtype)
 
 
 def resize_bilinear(x, height: int, width: int):
@@ -145,16 +150,16 @@ def upsample_nearest(x, factor: int = 2):
     return x.reshape(b, h * factor, w * factor, c)
 
 
-def redilated_conv(x, kernel, stride: int, setting: ConvSetting):
+def redilated_conv(x, kernel, stride: int, setting: ConvSetting, padding: int | None = None):
     """The conv under a ConvSetting: optional kernel map (dispersion), fractional resize around
     a dilated conv (ScaleCrafter's f_k^d(h) = interp_{1/s}(interp_s(h) * dilate_d(k)))."""
     if setting.kernel_map is not None:
         kernel = setting.kernel_map(kernel)
     if setting.scale == 1.0:
-        return conv2d(x, kernel, stride=stride, dilation=setting.dilation)
+        return conv2d(x, kernel, stride=stride, dilation=setting.dilation, padding=padding)
     _, h, w, _ = x.shape
     up = resize_bilinear(x, round(h * setting.scale), round(w * setting.scale))
-    y = conv2d(up, kernel, stride=stride, dilation=setting.dilation)
+    y = conv2d(up, kernel, stride=stride, dilation=setting.dilation, padding=padding)
     return resize_bilinear(y, h // stride, w // stride)
 
 
@@ -190,17 +195,23 @@ def norm_groups(channels: int) -> int:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with statistics in float32; output in the compute dtype."""
+    """GroupNorm with statistics in float32; output in the compute dtype. groups None: the
+    EDM/ADM rule (norm_groups); pretrained models give theirs."""
 
     dtype: Dtype = jnp.float32
     eps: float = 1e-5
+    groups: int | None = None
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
         scale = self.param("scale", _param(nn.initializers.ones_init(), ("norm",)), (c,), jnp.float32)
         bias = self.param("bias", _param(zeros_init, ("norm",)), (c,), jnp.float32)
-        return group_norm(x, scale, bias, norm_groups(c), self.eps).astype(self.dtype)
+        groups = norm_groups(c) if self.groups is None else self.groups
+        if c % groups:
+            raise ValueError(f"GroupNorm at {layer_path(self)}: {c} channels do not split into "
+                             f"{groups} groups")
+        return group_norm(x, scale, bias, groups, self.eps).astype(self.dtype)
 
 
 def group_norm(x, scale, bias, groups: int, eps: float = 1e-5):

@@ -82,20 +82,9 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-def _norm(x, name: str, groups: int, parent_dtype):
-    """A diffusers GroupNorm (eps 1e-6) in float32; params scale/bias under `name`."""
-    return _GroupNorm(groups, name=name)(x).astype(parent_dtype)
-
-
-class _GroupNorm(nn.Module):
-    groups: int
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-        return layers.group_norm(x, scale, bias, self.groups, EPS)
+def _norm(x, name: str, groups: int, dtype):
+    """A diffusers GroupNorm (eps 1e-6), statistics in float32; params scale/bias under `name`."""
+    return layers.GroupNorm(dtype, EPS, groups, name=name)(x)
 
 
 class ResnetBlock(nn.Module):

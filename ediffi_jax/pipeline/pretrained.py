@@ -1,0 +1,177 @@
+"""A diffusers pipeline folder (SD 1.x / 2.x, SDXL, DeepFloyd IF) sampled by this project's
+samplers: the U-Net and VAE ported to Flax (models/diffusers_unet.py, models/vae.py), the
+checkpoint's discrete-time schedule bridged to EDM sigmas (diffusion/discrete.py), and the
+project's PlanRunner, plans, CFG and sharding on top.
+
+    pipe = load_pretrained("stable-diffusion-v1-5")          # model_index.json, unet/, vae/, ...
+    plan = pipe.plan(num_steps=25, sampler="euler", guidance_scale=7.5)
+    images = pipe.sample(plan, cond, seed=0, size=(512, 512))    # cond: a PromptConditioning
+
+Weights are read with encoders/hf.py's rules (every tensor checked for presence and shape,
+none left over; fp16 / bf16 variant files; each tensor placed straight onto its sharding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ediffi_jax.diffusion import discrete
+from ediffi_jax.diffusion.plan import Plan, build_plan
+from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
+from ediffi_jax.encoders import hf
+from ediffi_jax.models import diffusers_unet, vae as vae_lib
+from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
+from ediffi_jax.rng import root, sampling_key
+
+WEIGHTS = "diffusion_pytorch_model"
+# model_index.json classes this port reads, by component; others are refused by name.
+PORTED = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",)}
+# Components a sampling run does not need (safety checker, watermarker, feature extractor...).
+NOT_NEEDED = ("safety_checker", "feature_extractor", "watermarker", "image_encoder",
+              "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
+SCHEDULES = ("discrete", "karras")
+
+
+def read_json_file(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise hf.CheckpointError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)} "
+                                 f"({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise hf.CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def read_pipeline(directory: str) -> dict[str, str]:
+    """{component: class name} of a pipeline folder's model_index.json; each ported
+    component's folder must exist and its class be one this port reads."""
+    index = read_json_file(os.path.join(directory, "model_index.json"), "a diffusers pipeline")
+    components = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in NOT_NEEDED or value is None:
+            continue
+        if not (isinstance(value, list) and len(value) == 2):
+            raise hf.CheckpointError(f"{directory}/model_index.json: {name!r} should be "
+                                     f"[library, class], got {value!r}")
+        cls = value[1]
+        if cls is None:
+            continue
+        if name in PORTED and cls not in PORTED[name]:
+            raise hf.CheckpointError(f"{directory}/model_index.json: {name} is a {cls}; this port "
+                                     f"reads {PORTED[name]}")
+        if not os.path.isdir(os.path.join(directory, name)):
+            raise hf.CheckpointError(f"{directory}: model_index.json lists {name}/, which is missing")
+        components[name] = cls
+    if "unet" not in components:
+        raise hf.CheckpointError(f"{directory}/model_index.json names no unet")
+    return components
+
+
+def load_component(directory: str, config_cls, abstract_fn, dtype, variant, shardings=None):
+    """(config, params) of one diffusers model folder (config.json + weights)."""
+    config = config_cls.from_hf(read_json_file(os.path.join(directory, "config.json"),
+                                               "a diffusers model config"))
+    abstract = abstract_fn(config)
+    params = hf.load(directory, hf.diffusers_names(abstract), abstract, shardings=shardings,
+                     dtype=np.float32, stem=WEIGHTS, variant=variant, whole_file=True)
+    return config, params
+
+
+@dataclasses.dataclass
+class PretrainedPipeline:
+    """The U-Net (+ VAE) of a diffusers pipeline with its schedule, as EDM denoisers."""
+
+    directory: str
+    unet: "diffusers_unet.DiffusersUNet"
+    unet_params: dict
+    schedule: "discrete.DiscreteSchedule"
+    vae: "vae_lib.AutoencoderKL | None" = None
+    vae_params: dict | None = None
+    mesh: object = None
+
+    def __post_init__(self):
+        self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh)
+        self._decode = None
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def sigmas(self, num_steps: int, schedule: str = "discrete") -> np.ndarray:
+        """The checkpoint's own discrete spacing, or Karras sigmas over its sigma range."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "discrete":
+            return np.asarray(self.schedule.discrete_sigmas(num_steps), np.float64)
+        return np.asarray(self.schedule.karras_sigmas(num_steps), np.float64)
+
+    def plan(self, num_steps: int = 25, *, sampler: str = "euler", guidance_scale: float = 7.5,
+             schedule: str = "discrete", sigmas=None, **plan_kw) -> Plan:
+        """A one-expert plan on the checkpoint's schedule (or explicit `sigmas`)."""
+        sigmas = self.sigmas(num_steps, schedule) if sigmas is None else np.asarray(sigmas)
+        return build_plan(sigmas, sampler=sampler, guidance_scale=guidance_scale, **plan_kw)
+
+    def denoise(self, plan: Plan, cond, x) -> jax.Array:
+        """Integrate x (at plan.sigmas[0]'s scale, NHWC latents) through the plan."""
+        return self.runner.run(plan, [self.unet_params], cond, None, x)
+
+    def decode(self, latents) -> jax.Array:
+        """Latents -> images NHWC in about [-1, 1] (the VAE's scaling and shift undone)."""
+        if self.vae is None:
+            return latents
+        if self._decode is None:
+            config = self.vae.config
+            self._decode = jax.jit(lambda p, z: self.vae.apply(
+                {"params": p}, vae_lib.from_latents(config, z), method="decode"))
+        return self._decode(self.vae_params, latents)
+
+    def sample(self, plan: Plan, cond, *, seed: int | jax.Array = 0, size=(512, 512),
+               first_index: int = 0) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] for `cond` (a PromptConditioning of B prompts)."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        h, w = size
+        if h % scale or w % scale:
+            raise ValueError(f"size {h}x{w} is not a multiple of the VAE's factor {scale}")
+        b = cond.batch_size
+        key = sampling_key(seed) if isinstance(seed, int) else root(seed)
+        keys = example_keys(key, jnp.arange(first_index, first_index + b, dtype=jnp.uint32))
+        x = initial_noise(keys, (h // scale, w // scale, self.latent_channels),
+                          float(plan.sigmas[0]))
+        return self.decode(self.runner.run(plan, [self.unet_params], cond, keys, x))
+
+
+def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | None = None,
+                    mesh=None) -> PretrainedPipeline:
+    """A pipeline folder (model_index.json) or a single U-Net folder (config.json of a
+    UNet2DConditionModel, with a scheduler_config.json beside it or in ../scheduler)."""
+    if os.path.isfile(os.path.join(directory, "model_index.json")):
+        components = read_pipeline(directory)
+        unet_dir = os.path.join(directory, "unet")
+        scheduler_dir = os.path.join(directory, "scheduler")
+        vae_dir = os.path.join(directory, "vae") if "vae" in components else None
+    else:
+        unet_dir, vae_dir = directory, None
+        scheduler_dir = next((d for d in (directory, os.path.join(directory, "..", "scheduler"))
+                              if os.path.isfile(os.path.join(d, "scheduler_config.json"))), None)
+        if scheduler_dir is None:
+            raise hf.CheckpointError(f"{directory}: a single U-Net folder needs its "
+                                     "scheduler_config.json beside it or in ../scheduler")
+    schedule = discrete.DiscreteSchedule.from_scheduler_config(read_json_file(
+        os.path.join(scheduler_dir, "scheduler_config.json"), "the checkpoint's noise schedule"))
+    compute = jnp.dtype(dtype)
+    unet_config, unet_params = load_component(
+        unet_dir, diffusers_unet.DiffusersUNetConfig, diffusers_unet.abstract_params, compute,
+        variant)
+    unet = diffusers_unet.DiffusersUNet(unet_config, dtype=compute)
+    vae = vae_params = None
+    if vae_dir is not None:
+        vae_config, vae_params = load_component(vae_dir, vae_lib.VAEConfig,
+                                                vae_lib.abstract_params, compute, variant)
+        vae = vae_lib.AutoencoderKL(vae_config, dtype=compute)
+    return PretrainedPipeline(directory, unet, unet_params, schedule, vae, vae_params, mesh)
