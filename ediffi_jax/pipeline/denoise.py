@@ -4,7 +4,7 @@ plan: it is given conv settings and a cross-attention bias, and sigma reaches th
 """
 from __future__ import annotations
 
-from ediffi_jax.diffusion import edm
+from ediffi_jax.diffusion import discrete, edm
 from ediffi_jax.diffusion.plan import SegmentSettings
 from ediffi_jax.models.unet import UNet, check_conv_settings
 from ediffi_jax.paint.bias import cross_attention_bias
@@ -29,5 +29,32 @@ def unet_denoise_fn(unet: UNet):
             {"params": params}, x_in, c_noise, cond, conv_settings=conv_settings,
             cross_attention_bias=bias)
         return edm.denoise(network, x, sigma, cond)
+
+    return denoise_fn
+
+
+def diffusers_denoise_fn(unet, schedule):
+    """denoise_fn for a discrete-time diffusers U-Net (models/diffusers_unet.py): the
+    checkpoint's schedule turns sigma into its timestep and its epsilon / v output into the
+    EDM denoised image (diffusion/discrete.py), so the project's samplers, plans and CFG run
+    on it unchanged. `cond` is a PromptConditioning; the segment's conv settings and
+    paint-with-words bias reach the network as for the project's own U-Net."""
+
+    def denoise_fn(params, x, sigma, cond, settings: SegmentSettings):
+        bias = None
+        if settings.paint is not None and cond.paint is not None:
+            bias = cross_attention_bias(cond.paint, sigma, settings.paint)
+        elif cond.paint is not None:
+            raise ValueError("cond.paint holds paint-with-words masks but the plan does not "
+                             "paint (give PaintSettings)")
+
+        def network(x_in, t):
+            return unet.apply(
+                {"params": params}, x_in, t, cond.context,
+                encoder_attention_mask=cond.context_mask, text_embeds=cond.pooled,
+                time_ids=cond.time_ids, conv_settings=dict(settings.layers),
+                cross_attention_bias=bias)
+
+        return discrete.vp_denoise(network, x, sigma, schedule)
 
     return denoise_fn

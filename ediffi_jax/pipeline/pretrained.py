@@ -103,18 +103,20 @@ class PretrainedPipeline:
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
 
-    def sigmas(self, num_steps: int, schedule: str = "discrete") -> np.ndarray:
-        """The checkpoint's own discrete spacing, or Karras sigmas over its sigma range."""
+    def sigmas(self, num_steps: int, schedule: str = "discrete",
+               sampler: str = "euler") -> np.ndarray:
+        """The checkpoint's own discrete spacing for `sampler` (diffusers' Euler spacing, or
+        DPM-Solver's for dpmpp_2m), or Karras sigmas over its range as diffusers spaces them."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if schedule == "discrete":
-            return np.asarray(self.schedule.discrete_sigmas(num_steps), np.float64)
-        return np.asarray(self.schedule.karras_sigmas(num_steps), np.float64)
+        return self.schedule.discrete_sigmas(num_steps, _solver(sampler),
+                                             karras=schedule == "karras")
 
     def plan(self, num_steps: int = 25, *, sampler: str = "euler", guidance_scale: float = 7.5,
              schedule: str = "discrete", sigmas=None, **plan_kw) -> Plan:
         """A one-expert plan on the checkpoint's schedule (or explicit `sigmas`)."""
-        sigmas = self.sigmas(num_steps, schedule) if sigmas is None else np.asarray(sigmas)
+        sigmas = (self.sigmas(num_steps, schedule, sampler) if sigmas is None
+                  else np.asarray(sigmas, np.float64))
         return build_plan(sigmas, sampler=sampler, guidance_scale=guidance_scale, **plan_kw)
 
     def denoise(self, plan: Plan, cond, x) -> jax.Array:
@@ -141,9 +143,17 @@ class PretrainedPipeline:
         b = cond.batch_size
         key = sampling_key(seed) if isinstance(seed, int) else root(seed)
         keys = example_keys(key, jnp.arange(first_index, first_index + b, dtype=jnp.uint32))
-        x = initial_noise(keys, (h // scale, w // scale, self.latent_channels),
-                          float(plan.sigmas[0]))
+        # The first sample's scale as diffusers draws it for this sampler, so that a run
+        # here starts where diffusers' would (sqrt(sigma_max^2 + 1) for leading spacing).
+        sigma0 = self.schedule.init_noise_sigma(np.asarray(plan.sigmas), _solver(plan.segments[0].settings.sampler))
+        x = initial_noise(keys, (h // scale, w // scale, self.latent_channels), sigma0)
         return self.decode(self.runner.run(plan, [self.unet_params], cond, keys, x))
+
+
+def _solver(sampler: str) -> str:
+    """diffusers' scheduler whose spacing a project sampler takes: DPM-Solver's for the
+    multistep solver, Euler's otherwise."""
+    return "dpmsolver" if sampler.startswith("dpmpp") else "euler"
 
 
 def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | None = None,
