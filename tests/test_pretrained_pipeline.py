@@ -112,9 +112,9 @@ def test_unported_unet_field_is_named(tmp_path):
 
 
 def test_prompts_encode_as_diffusers_and_sample_to_its_image(pipe, ref):
-    from ediffi_jax.encoders.prompt import SDPromptEncoder
+    from ediffi_jax.encoders.prompt import PromptEncoder
 
-    encoder = SDPromptEncoder(FIXTURE)
+    encoder = PromptEncoder(FIXTURE)
     np.testing.assert_array_equal(encoder.token_ids("a red circle"), ref["text_ids"])
     cond = encoder.encode(["a red circle", "two blue squares on grass"], ["", "blurry"])
     np.testing.assert_allclose(np.asarray(cond.context), ref["text_cond"], atol=1e-4)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ediffi_jax.encoders.prompt import SDPromptEncoder
+from ediffi_jax.encoders.prompt import PromptEncoder
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers", "tiny_sd")
 
@@ -18,7 +18,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def encoder():
-    return SDPromptEncoder(FIXTURE)
+    return PromptEncoder(FIXTURE)
 
 
 def test_prompts_encode_as_diffusers(encoder, ref):

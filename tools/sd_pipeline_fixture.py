@@ -74,7 +74,7 @@ def byte_unicode():
     return [chr(c) for c in cs]
 
 
-def tiny_tokenizer(directory):
+def tiny_tokenizer(directory, pad_token="<|endoftext|>"):
     """A CLIP BPE tokenizer over single characters and a few merges (the real vocabulary's
     49408 rows would make the text tower's embedding several MB)."""
     chars = byte_unicode()
@@ -87,7 +87,7 @@ def tiny_tokenizer(directory):
     with open(os.path.join(directory, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
-                        pad_token="<|endoftext|>", model_max_length=77)
+                        pad_token=pad_token, model_max_length=77)
     tok.save_pretrained(directory)
     return tok, len(vocab)
 
@@ -105,7 +105,7 @@ def with_prefix(path):
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v
+    save_file({k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
                for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 

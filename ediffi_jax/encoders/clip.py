@@ -135,13 +135,20 @@ def _layers(cfg, x, mask, parent_name="layer"):
 
 
 class CLIPTextTower(nn.Module):
-    """input_ids [B, N], attention_mask [B, N] or None -> (last hidden state [B, N, D],
-    pooled [B, D], projected [B, P] or None without a projection), float32."""
+    """input_ids [B, N], attention_mask [B, N] or None -> (hidden state [B, N, D], pooled
+    [B, D], projected [B, P] or None without a projection), float32.
+
+    hidden_layer None: the last layer's output after the final LayerNorm. An int k:
+    transformers' hidden_states[k] (k layers applied; negative counts from the end, -1 the last
+    layer's output), after the final LayerNorm only with `norm_hidden` (SD's clip_skip
+    normalises hidden_states[-(clip_skip + 1)], SDXL takes hidden_states[-2] as it is). The
+    pooled vector is always the final one."""
 
     config: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, hidden_layer: int | None = None,
+                 norm_hidden: bool = False):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, n = input_ids.shape
@@ -156,18 +163,32 @@ class CLIPTextTower(nn.Module):
         mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
         if attention_mask is not None:
             mask = jnp.logical_and(mask, attention_mask.astype(bool)[:, None, None, :])
-        x = _layers(cfg, x, mask)
-        x = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="final_layer_norm")(x)
+        depth = cfg.num_hidden_layers
+        k = None if hidden_layer is None else (hidden_layer % (depth + 1))
+        if hidden_layer is not None and not -(depth + 1) <= hidden_layer <= depth:
+            raise ValueError(f"hidden_layer {hidden_layer} is outside this CLIP text tower's "
+                             f"{depth + 1} hidden states")
+        selected = x
+        for i in range(depth):
+            x = EncoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                             cfg.hidden_act, cfg.layer_norm_eps, dtype, name=f"layer_{i}")(x, mask)
+            if k == i + 1:
+                selected = x
+        final_norm = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="final_layer_norm")
+        x = final_norm(x)
+        if k is not None and norm_hidden:
+            selected = final_norm(selected)
+        hidden = x if k is None else selected.astype(jnp.float32)
         if cfg.eos_token_id == 2:  # transformers' legacy rule: the end-of-text id is the largest
             eot = jnp.argmax(input_ids, axis=-1)
         else:  # the first end-of-text token
             eot = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = x[jnp.arange(b), eot]
         if not cfg.projection:
-            return x, pooled, None
+            return hidden, pooled, None
         projected = Dense(cfg.projection_dim, ("embed", "mlp"), use_bias=False, dtype=jnp.float32,
                           name="text_projection")(pooled)
-        return x, pooled, projected
+        return hidden, pooled, projected
 
 
 class CLIPVisionTower(nn.Module):

@@ -85,7 +85,8 @@ class PromptConditioning:
     (the token embeddings, SDXL's pooled text and size/crop ids), for the prompt and for the
     negative prompt. Classifier-free guidance's unconditional branch is the negative prompt's
     encoding (diffusers' convention: an empty negative prompt is encoded, not zeroed, unless
-    the pipeline forces zeros), so `unconditional()` swaps it in; the ids are shared."""
+    the pipeline forces zeros), so `unconditional()` swaps it in; the ids are shared except
+    the refiner's aesthetic score."""
 
     context: jax.Array  # [B, L, D] encoder_hidden_states
     context_mask: jax.Array  # [B, L], 1 where the U-Net may attend
@@ -94,6 +95,7 @@ class PromptConditioning:
     pooled: jax.Array | None = None  # [B, P] SDXL's text_embeds
     negative_pooled: jax.Array | None = None
     time_ids: jax.Array | None = None  # [B, 6] (SDXL base) or [B, 5] (refiner)
+    negative_time_ids: jax.Array | None = None  # the refiner's: its negative aesthetic score
     # Paint-with-words token masks [B, H_mask, W_mask, L]; zeros in the negative branch.
     paint: jax.Array | None = None
 
@@ -105,4 +107,5 @@ class PromptConditioning:
         return self.replace(
             context=self.negative_context, context_mask=self.negative_mask,
             pooled=self.negative_pooled,
+            time_ids=self.time_ids if self.negative_time_ids is None else self.negative_time_ids,
             paint=None if self.paint is None else jnp.zeros_like(self.paint))
