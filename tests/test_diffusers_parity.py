@@ -15,7 +15,7 @@ from ediffi_jax.models import diffusers_unet, layers, vae as vae_lib
 from ediffi_jax.pipeline.pretrained import load_component
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers", "parity")
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "variants")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "variants", "if1", "if2")
 
 
 def nhwc(a):

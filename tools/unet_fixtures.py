@@ -72,6 +72,33 @@ UNETS = {
         mid_block_scale_factor=1.5, resnet_out_scale_factor=1.25, center_input_sample=True,
         freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
     ),
+    # DeepFloyd IF stage I: resampling resnets, added-KV attention on projected T5 tokens,
+    # attention-pooled text in the time embedding, GELU, scale-shift, 6 output channels.
+    "if1": dict(
+        in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(16, 32, 48),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
+                          "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
+                        "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32, encoder_hid_dim=20, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=8,
+        act_fn="gelu", resnet_skip_time_act=True, resnet_time_scale_shift="scale_shift",
+        time_embedding_act_fn="gelu", cross_attention_norm="group_norm", norm_num_groups=8,
+    ),
+    # IF stage II: the low-res image as 3 more input channels, its noise level as a timestep
+    # class embedding; head widths per block (diffusers gives up block i down block i's).
+    "if2": dict(
+        in_channels=6, out_channels=6, layers_per_block=(1, 2), block_out_channels=(16, 24),
+        down_block_types=("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        cross_attention_dim=12, encoder_hid_dim=20, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=2, attention_head_dim=(4, 8),
+        act_fn="gelu", resnet_skip_time_act=True, resnet_time_scale_shift="scale_shift",
+        time_embedding_act_fn="gelu", class_embed_type="timestep", norm_num_groups=4,
+        resnet_out_scale_factor=1.25,
+    ),
 }
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 24),
@@ -87,7 +114,8 @@ def unet_io(name, cfg, model, g):
     h, w = (SIZE[0] * 2 ** (levels - 2), SIZE[1] * 2 ** (levels - 2))
     sample = torch.randn((BATCH, cfg["in_channels"], h, w), generator=g)
     timestep = torch.tensor([37.5, 801.0])
-    context = torch.randn((BATCH, TOKENS, cfg["cross_attention_dim"]), generator=g)
+    width = cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"]
+    context = torch.randn((BATCH, TOKENS, width), generator=g)
     mask = torch.ones((BATCH, TOKENS))
     mask[1, -2:] = 0  # padding keys the U-Net must not attend to
     io = dict(sample=sample, timestep=timestep, encoder_hidden_states=context,

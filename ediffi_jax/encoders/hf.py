@@ -120,7 +120,7 @@ def diffusers_names(abstract_params) -> dict[tuple[str, ...], tuple[str, str]]:
     """Hugging Face names of a params tree whose module names are diffusers' dotted names
     (relative to their parent, so '.'.join(path) is the state-dict module name):
     kernel -> weight (a conv if 4-d, else linear), scale -> weight (a norm),
-    embedding -> weight, bias -> bias."""
+    embedding -> weight; any other leaf (bias, a bare nn.Parameter) keeps its name."""
     names = {}
     for path, leaf in flatten_dict(abstract_params).items():
         module, last = ".".join(path[:-1]), path[-1]
@@ -130,10 +130,8 @@ def diffusers_names(abstract_params) -> dict[tuple[str, ...], tuple[str, str]]:
             names[path] = (f"{module}.weight", "norm")
         elif last == "embedding":
             names[path] = (f"{module}.weight", "embedding")
-        elif last == "bias":
-            names[path] = (f"{module}.bias", "raw")
-        else:
-            raise CheckpointError(f"param {'/'.join(path)}: no diffusers name for a leaf {last!r}")
+        else:  # bias, or a bare nn.Parameter such as IF's pool.positional_embedding
+            names[path] = (f"{module}.{last}", "raw")
     return names
 
 

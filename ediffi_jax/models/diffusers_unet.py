@@ -27,28 +27,35 @@ from ediffi_jax.models.layers import (
 
 Dtype = Any
 BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path")
-DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+# Transformer blocks (SD, SDXL), plain resnets, and DeepFloyd IF's: resnets that resample
+# themselves and attention with the text's keys / values added to the pixels' own.
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "SimpleCrossAttnDownBlock2D",
+               "ResnetDownsampleBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D", "SimpleCrossAttnUpBlock2D",
+             "ResnetUpsampleBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2DSimpleCrossAttn", None)
+# IF's block types: they resample with a resnet, and their attention is the added-KV kind.
+IF_BLOCKS = ("SimpleCrossAttnDownBlock2D", "ResnetDownsampleBlock2D",
+             "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 # Fields whose value must be one of these for this port (diffusers' default first).
 PORTED_VALUES = {
     "mid_block_type": MID_BLOCKS,
-    "act_fn": ("silu",),
+    "act_fn": tuple(ACTIVATIONS),
     "time_embedding_type": ("positional",),
     "resnet_time_scale_shift": ("default", "scale_shift"),
-    "resnet_skip_time_act": (False,),
-    "encoder_hid_dim_type": (None,),
-    "encoder_hid_dim": (None,),
-    "addition_embed_type": (None, "text_time"),
+    "resnet_skip_time_act": (False, True),
+    "encoder_hid_dim_type": (None, "text_proj"),
+    "addition_embed_type": (None, "text_time", "text"),
     "class_embed_type": (None, "timestep"),
     "class_embeddings_concat": (False,),
     "num_class_embeds": (None,),
     "dual_cross_attention": (False,),
     "attention_type": ("default",),
-    "time_embedding_act_fn": (None,),
+    "time_embedding_act_fn": (None,) + tuple(ACTIVATIONS),
     "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,),
-    "cross_attention_norm": (None,),
+    "cross_attention_norm": (None, "group_norm", "layer_norm"),
 }
 
 
@@ -119,6 +126,11 @@ class DiffusersUNetConfig:
 
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, freeze(getattr(self, f.name)))
+        if self.encoder_hid_dim is not None and self.encoder_hid_dim_type is None:
+            object.__setattr__(self, "encoder_hid_dim_type", "text_proj")  # as diffusers does
+        if self.encoder_hid_dim_type == "text_proj" and self.encoder_hid_dim is None:
+            raise ValueError("UNet2DConditionModel config encoder_hid_dim_type='text_proj' "
+                             "needs encoder_hid_dim")
         for field, allowed in PORTED_VALUES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"UNet2DConditionModel config {field}={getattr(self, field)!r} "
@@ -153,6 +165,10 @@ class DiffusersUNetConfig:
         if bad:
             raise ValueError(f"UNet2DConditionModel config: block channels / attention heads "
                              f"{bad} do not divide")
+        bad = [(c, d) for c, d in zip(self.block_out_channels, self.head_dims) if c % d]
+        if bad and any(t in IF_BLOCKS for t in self.down_block_types + self.up_block_types):
+            raise ValueError(f"UNet2DConditionModel config: block channels / attention_head_dim "
+                             f"{bad} do not divide")
 
     @classmethod
     def from_hf(cls, config_json: Mapping) -> "DiffusersUNetConfig":
@@ -174,6 +190,17 @@ class DiffusersUNetConfig:
         number of heads when num_attention_heads is unset)."""
         return _per_block(self.num_attention_heads or self.attention_head_dim, self.levels,
                           "num_attention_heads")
+
+    @property
+    def head_dims(self) -> tuple[int, ...]:
+        """Per-block head width of IF's added-KV attention (there `attention_head_dim` means
+        what it says). diffusers gives up block i down block i's value, not reversed."""
+        return _per_block(self.attention_head_dim, self.levels, "attention_head_dim")
+
+    @property
+    def context_dim(self) -> int:
+        """The width of encoder_hidden_states as given (before IF's text projection)."""
+        return self.encoder_hid_dim if self.encoder_hid_dim_type else self.cross_dims[0]
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -229,42 +256,137 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float,
 
 class TimestepEmbedding(nn.Module):
     features: int
+    act: str = "silu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = Dense(self.features, dtype=self.dtype, name="linear_1")(x.astype(self.dtype))
-        return Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+        return Dense(self.features, dtype=self.dtype, name="linear_2")(ACTIVATIONS[self.act](x))
+
+
+def _layer_norm(name: str, x, dtype):
+    """torch's LayerNorm (eps 1e-5) named `name` in the calling compact module, float32
+    statistics; params scale / bias (-> weight / bias)."""
+    init = lambda f: nn.with_logical_partitioning(f, ("norm",))  # noqa: E731
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                        scale_init=init(nn.initializers.ones_init()),
+                        bias_init=init(nn.initializers.zeros_init()),
+                        name=name)(x.astype(jnp.float32)).astype(dtype)
+
+
+class TextTimeEmbedding(nn.Module):
+    """IF's addition_embed_type "text": the text tokens attention-pooled into the time
+    embedding (norm1, pool, proj, norm2)."""
+
+    features: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = _layer_norm("norm1", tokens, self.dtype)
+        x = AttentionPooling(self.heads, self.dtype, name="pool")(x)
+        x = Dense(self.features, dtype=self.dtype, name="proj")(x)
+        return _layer_norm("norm2", x, self.dtype)
+
+
+class AttentionPooling(nn.Module):
+    """A class token (the tokens' mean + a learned position) attending over itself and the
+    tokens; its output is the pooled vector."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, c = x.shape
+        position = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(c ** -0.5), (None, "embed")), (1, c), jnp.float32)
+        cls = jnp.mean(x, axis=1, keepdims=True) + position.astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+        split = lambda t: t.reshape(t.shape[:2] + (self.heads, c // self.heads))  # noqa: E731
+        proj = lambda name, t: split(Dense(c, dtype=self.dtype, name=name)(t))  # noqa: E731
+        out = attention(proj("q_proj", cls), proj("k_proj", x), proj("v_proj", x))
+        return out.reshape(b, c)
 
 
 class ResnetBlock2D(nn.Module):
     """diffusers' ResnetBlock2D with a time embedding ("default": added before norm2;
-    "scale_shift": norm2(h) * (1 + scale) + shift)."""
+    "scale_shift": norm2(h) * (1 + scale) + shift). resample "down" / "up": IF's resampling
+    resnets (2x2 average pooling / nearest 2x of both paths after norm1, no conv)."""
 
     features: int
     groups: int
     eps: float
     time_scale_shift: bool = False
     output_scale_factor: float = 1.0
+    act: str = "silu"
+    skip_time_act: bool = False
+    resample: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, conv_settings):
         norm = lambda name: GroupNorm(self.dtype, self.eps, self.groups, name=name)  # noqa: E731
-        h = nn.silu(norm("norm1")(x))
+        act = ACTIVATIONS[self.act]
+        h = act(norm("norm1")(x))
+        if self.resample is not None:
+            x, h = (_resample(t, self.resample) for t in (x, h))
         h = Conv(self.features, dtype=self.dtype, name="conv1")(h, conv_settings)
         t = Dense(2 * self.features if self.time_scale_shift else self.features,
-                  dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
+                  dtype=self.dtype, name="time_emb_proj")(
+            temb if self.skip_time_act else act(temb))[:, None, None, :]
         if self.time_scale_shift:
             scale, shift = jnp.split(t, 2, axis=-1)
             h = norm("norm2")(h) * (1 + scale) + shift
         else:
             h = norm("norm2")(h + t)
-        h = Conv(self.features, dtype=self.dtype, name="conv2")(nn.silu(h), conv_settings)
+        h = Conv(self.features, dtype=self.dtype, name="conv2")(act(h), conv_settings)
         if x.shape[-1] != self.features:
             x = Conv(self.features, 1, dtype=self.dtype, name="conv_shortcut")(x, conv_settings)
         out = x.astype(self.dtype) + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+def _resample(x, how: str):
+    if how == "up":
+        return upsample_nearest(x, 2)
+    b, h, w, c = x.shape  # AvgPool2d(2, stride 2)
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
+
+
+class AddedKVAttention(nn.Module):
+    """IF's attention (diffusers' Attention with AttnAddedKVProcessor): GroupNorm of the
+    pixels; queries from them; keys / values of the (optionally normalised) text through
+    add_k_proj / add_v_proj, followed by the pixels' own; all projections with bias;
+    residual."""
+
+    heads: int
+    groups: int
+    cross_norm: str | None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, key_mask, bias_fn):
+        b, hh, ww, c = x.shape
+        if self.cross_norm == "group_norm":
+            context = GroupNorm(self.dtype, 1e-5, 32, name="norm_cross")(context)
+        elif self.cross_norm == "layer_norm":
+            context = _layer_norm("norm_cross", context, self.dtype)
+        h = GroupNorm(self.dtype, 1e-5, self.groups, name="group_norm")(x).reshape(b, hh * ww, c)
+        split = lambda t: t.reshape(t.shape[:2] + (self.heads, c // self.heads))  # noqa: E731
+        proj = lambda name, t: split(Dense(c, names=("embed", "heads"), dtype=self.dtype,  # noqa: E731
+                                           name=name)(t))
+        k = jnp.concatenate([proj("add_k_proj", context), proj("to_k", h)], axis=1)
+        v = jnp.concatenate([proj("add_v_proj", context), proj("to_v", h)], axis=1)
+        if key_mask is not None:  # the pixels' own keys are always attended
+            key_mask = jnp.concatenate(
+                [key_mask.astype(jnp.float32), jnp.ones((b, hh * ww), jnp.float32)], axis=1)
+        o = attention(proj("to_q", h), k, v, key_mask=key_mask, bias_fn=bias_fn)
+        o = Dense(c, names=("heads", "embed"), dtype=self.dtype, name="to_out.0")(
+            o.reshape(b, hh * ww, c))
+        return x.astype(self.dtype) + o.reshape(b, hh, ww, c)
 
 
 class Attention(nn.Module):
@@ -310,13 +432,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, key_mask, bias_fn):
-        def norm(name, t):
-            init = lambda f: nn.with_logical_partitioning(f, ("norm",))  # noqa: E731
-            return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                                scale_init=init(nn.initializers.ones_init()),
-                                bias_init=init(nn.initializers.zeros_init()),
-                                name=name)(t.astype(jnp.float32)).astype(self.dtype)
-
+        norm = lambda name, t: _layer_norm(name, t, self.dtype)  # noqa: E731
         x = x + Attention(self.heads, self.dtype, name="attn1")(norm("norm1", x))
         x = x + Attention(self.heads, self.dtype, name="attn2")(
             norm("norm2", x), context, key_mask, bias_fn)
@@ -370,7 +486,8 @@ CrossAttentionBias = Callable[[str], Callable | None]
 
 
 class Block(nn.Module):
-    """One down or up block (with or without cross-attention), or the mid block."""
+    """One down or up block, or the mid block, of any ported type: SD's (resnets, transformer
+    blocks, a conv resampler) or IF's (resnets, added-KV attention, a resampling resnet)."""
 
     config: DiffusersUNetConfig
     kind: str  # "down", "up" or "mid"
@@ -382,53 +499,68 @@ class Block(nn.Module):
         cfg, i = self.config, self.index
         chans = cfg.block_out_channels
         if self.kind == "mid":
+            kind, n = cfg.mid_block_type, 1
             features, heads, scale = chans[-1], cfg.heads[-1], cfg.mid_block_scale_factor
-            depths = (cfg.mid_depth,)
+            head_dim, depths = cfg.head_dims[-1], (cfg.mid_depth,)
         elif self.kind == "down":
-            cross, n = cfg.down_block_types[i].startswith("CrossAttn"), cfg.layers[i]
-            features, heads, scale = chans[i], cfg.heads[i], 1.0
-            depths = cfg.transformer_depths(i, up=False) if cross else ()
+            kind, n, features = cfg.down_block_types[i], cfg.layers[i], chans[i]
+            heads, head_dim = cfg.heads[i], cfg.head_dims[i]
         else:
-            cross, n = cfg.up_block_types[i].startswith("CrossAttn"), cfg.layers[::-1][i] + 1
-            # resnet_out_scale_factor is read by IF's block types only, not these.
-            features, heads, scale = chans[::-1][i], cfg.heads[::-1][i], 1.0
-            depths = cfg.transformer_depths(i, up=True) if cross else ()
+            kind, n, features = cfg.up_block_types[i], cfg.layers[::-1][i] + 1, chans[::-1][i]
+            heads, head_dim = cfg.heads[::-1][i], cfg.head_dims[i]  # diffusers: not reversed
+        simple = kind in IF_BLOCKS or kind == "UNetMidBlock2DSimpleCrossAttn"
+        cross = "CrossAttn" in kind
+        if self.kind != "mid":
+            # resnet_out_scale_factor is read by IF's block types only.
+            scale = cfg.resnet_out_scale_factor if simple else 1.0
+            depths = cfg.transformer_depths(i, self.kind == "up") if cross and not simple else ()
         outputs = []
 
-        def resnet(j, h):
+        def resnet(name, h, resample=None):
             return ResnetBlock2D(features, cfg.norm_num_groups, cfg.norm_eps,
-                                 cfg.resnet_time_scale_shift == "scale_shift", scale, self.dtype,
-                                 name=f"resnets.{j}")(h, temb, conv_settings)
+                                 cfg.resnet_time_scale_shift == "scale_shift", scale, cfg.act_fn,
+                                 cfg.resnet_skip_time_act, resample, self.dtype,
+                                 name=name)(h, temb, conv_settings)
 
         def attend(j, h):
             name = f"attentions.{j}"
             bias = (cross_attention_bias(f"{_path(self)}/{name}")
                     if cross_attention_bias is not None else None)
             bias_fn = None if bias is None else bias(key_mask, h.shape[1], h.shape[2])
-            return Transformer2DModel(heads, depths[j], cfg.norm_num_groups,
-                                      cfg.use_linear_projection, self.dtype, name=name)(
-                h, context, key_mask, bias_fn)
+            if simple:
+                block = AddedKVAttention(features // head_dim, cfg.norm_num_groups,
+                                         cfg.cross_attention_norm, self.dtype, name=name)
+            else:
+                block = Transformer2DModel(heads, depths[j], cfg.norm_num_groups,
+                                           cfg.use_linear_projection, self.dtype, name=name)
+            return block(h, context, key_mask, bias_fn)
 
         if self.kind == "mid":
-            h = resnet(0, h)
-            return resnet(1, attend(0, h)), outputs
+            h = resnet("resnets.0", h)
+            return resnet("resnets.1", attend(0, h)), outputs
         for j in range(n):
             if self.kind == "up":
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = resnet(j, h)
+            h = resnet(f"resnets.{j}", h)
             if cross:
                 h = attend(j, h)
             h = nn.with_logical_constraint(h, ("batch", "height", "width", "act_channels"))
             outputs.append(h)
         last = i == cfg.levels - 1
         if self.kind == "down" and not last:
-            padding = cfg.downsample_padding or None  # 0: diffusers pads (0, 1), which is SAME
-            h = _Resample(features, True, padding, self.dtype, name="downsamplers.0")(
-                h, conv_settings)
+            if simple:
+                h = resnet("downsamplers.0", h, "down")
+            else:
+                padding = cfg.downsample_padding or None  # 0: diffusers pads (0, 1): SAME
+                h = _Resample(features, True, padding, self.dtype, name="downsamplers.0")(
+                    h, conv_settings)
             outputs.append(h)
         elif self.kind == "up" and not last:
-            h = _Resample(features, False, None, self.dtype, name="upsamplers.0")(
-                h, conv_settings)
+            if simple:
+                h = resnet("upsamplers.0", h, "up")
+            else:
+                h = _Resample(features, False, None, self.dtype, name="upsamplers.0")(
+                    h, conv_settings)
         return h, outputs
 
 
@@ -467,12 +599,13 @@ class DiffusersUNet(nn.Module):
         conv_settings = FrozenDict(_by_layer_path(conv_settings or {}))
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
         chans0 = cfg.block_out_channels[0]
-        temb = TimestepEmbedding(cfg.time_embed_dim, dtype, name="time_embedding")(
+        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype, name="time_embedding")(
             timestep_embedding(t, chans0, cfg.flip_sin_to_cos, cfg.freq_shift))
         if cfg.class_embed_type == "timestep":
             if class_labels is None:
                 raise ValueError("this U-Net (class_embed_type='timestep') needs class_labels")
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, dtype, name="class_embedding")(
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype,
+                                            name="class_embedding")(
                 timestep_embedding(jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,)),
                                    chans0, cfg.flip_sin_to_cos, cfg.freq_shift))
         if cfg.addition_embed_type == "text_time":
@@ -487,12 +620,21 @@ class DiffusersUNet(nn.Module):
                 raise ValueError(f"text_embeds + time_ids embed to {added.shape[-1]} features; "
                                  "the config's projection_class_embeddings_input_dim is "
                                  f"{cfg.projection_class_embeddings_input_dim}")
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, dtype, name="add_embedding")(added)
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype,
+                                            name="add_embedding")(added)
+        elif cfg.addition_embed_type == "text":  # IF: the pooled text tokens
+            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                            dtype, name="add_embedding")(
+                encoder_hidden_states.astype(dtype))
+        if cfg.time_embedding_act_fn is not None:
+            temb = ACTIVATIONS[cfg.time_embedding_act_fn](temb)
 
         x = sample.astype(jnp.float32)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         context = encoder_hidden_states.astype(dtype)
+        if cfg.encoder_hid_dim_type == "text_proj":  # IF: T5's width -> cross_attention_dim
+            context = Dense(cfg.cross_dims[0], dtype=dtype, name="encoder_hid_proj")(context)
         h = Conv(chans0, cfg.conv_in_kernel, dtype=dtype, name="conv_in")(x, conv_settings)
         skips = [h]
         args = (temb, context, encoder_attention_mask)
@@ -506,7 +648,8 @@ class DiffusersUNet(nn.Module):
         for i in range(cfg.levels):
             h, _ = Block(cfg, "up", i, dtype, name=f"up_blocks.{i}")(
                 h, *args, skips, conv_settings, cross_attention_bias)
-        h = nn.silu(GroupNorm(dtype, cfg.norm_eps, cfg.norm_num_groups, name="conv_norm_out")(h))
+        h = ACTIVATIONS[cfg.act_fn](
+            GroupNorm(dtype, cfg.norm_eps, cfg.norm_num_groups, name="conv_norm_out")(h))
         out = Conv(cfg.out_channels, cfg.conv_out_kernel, dtype=dtype, name="conv_out")(
             h, conv_settings)
         return out.astype(jnp.float32)
@@ -562,7 +705,7 @@ def example_inputs(config: DiffusersUNetConfig, batch: int = 1) -> tuple[tuple, 
     """The smallest inputs of the right shapes: (args, kwargs) for init / eval_shape."""
     f = config.downsample_factor
     args = (jnp.zeros((batch, f, f, config.in_channels)), jnp.zeros((batch,)),
-            jnp.zeros((batch, 1, config.cross_dims[0])))
+            jnp.zeros((batch, 1, config.context_dim)))
     kwargs = {}
     if config.addition_embed_type == "text_time":
         n_ids = 6
