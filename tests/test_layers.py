@@ -36,6 +36,27 @@ def test_dilated_conv_equals_zero_inserted_kernel(dilation, stride):
         assert not np.allclose(y, conv2d(x, jnp.asarray(kernel), stride=stride))
 
 
+@pytest.mark.parametrize("size, kernel, stride, dilation, padding", [
+    ((6, 8), 3, 1, 1, None), ((7, 9), 3, 2, 1, None), ((6, 8), 3, 2, 2, 1), ((5, 5), 5, 1, 2, None),
+    ((8, 12), 3, 1, 3, None), ((7, 8), 3, 2, 1, 1), ((6, 8), 1, 1, 1, None)])
+def test_im2col_conv_equals_xla_conv(monkeypatch, size, kernel, stride, dilation, padding):
+    """The wide-channel CPU path (one matmul over shifted views) computes XLA's convolution:
+    SAME's low/high split, torch-style padding, strides, dilations, odd sizes."""
+    from ediffi_jax.models import layers
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2,) + size + (6,)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 4)), jnp.float32)
+    pads = "SAME" if padding is None else [(padding * dilation,) * 2] * 2
+    want = jax.lax.conv_general_dilated(x, k, (stride, stride), pads,
+                                        rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    monkeypatch.setattr(layers, "IM2COL_MIN_CHANNELS", 1)
+    got = conv2d(x, k, stride=stride, dilation=dilation, padding=padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_conv_setting_rejects_bad_dilation():
     with pytest.raises(ValueError, match="dilation"):
         ConvSetting(dilation=0)

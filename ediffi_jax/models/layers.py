@@ -88,19 +88,53 @@ def layer_path(module: nn.Module) -> str:
     return "/".join(module.scope.path)
 
 
+# From this many input channels, a conv on the CPU runs as one matmul over the kh*kw shifted
+# views (im2col): XLA's CPU convolution reaches ~70 GFLOP/s on an 8x8 map of 2560 channels
+# (the SD U-Net's inner blocks), the matmul ~3x that; for the narrower convs of the project's
+# own U-Nets the convolution is faster (BENCHMARKS.md, issue 21).
+IM2COL_MIN_CHANNELS = 1024
+
+
 def conv2d(x, kernel, *, stride: int = 1, dilation: int = 1, padding: int | None = None):
     """NHWC x HWIO convolution; dilation via rhs_dilation (no zero kernel). padding None: SAME;
     an int p: p * dilation zeros on every side (torch's Conv2d(padding=p) re-dilated as
     ScaleCrafter does, which differs from SAME for stride 2: diffusers' Downsample2D)."""
-    pad = "SAME" if padding is None else [(padding * dilation,) * 2] * 2
+    kh, kw = kernel.shape[:2]
+    _, h, w, _ = x.shape
+    if padding is None:  # SAME: XLA's split of the total padding, low side first
+        pads = []
+        for size, k in ((h, kh), (w, kw)):
+            out = -(-size // stride)
+            total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(padding * dilation,) * 2] * 2
+    out_h = (h + sum(pads[0]) - (kh - 1) * dilation - 1) // stride + 1
+    out_w = (w + sum(pads[1]) - (kw - 1) * dilation - 1) // stride + 1
+    if (kh * kw > 1 and x.shape[-1] >= IM2COL_MIN_CHANNELS
+            and jax.default_backend() == "cpu"):
+        return _conv2d_im2col(x, kernel, stride, dilation, pads, out_h, out_w)
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
-        padding=pad,
+        padding=pads,
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+
+
+def _conv2d_im2col(x, kernel, stride, dilation, pads, out_h, out_w):
+    """The same convolution as one [B*H*W, kh*kw*C] x [kh*kw*C, O] matmul."""
+    kh, kw, cin, cout = kernel.shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    views = [jax.lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                           (xp.shape[0], i * dilation + (out_h - 1) * stride + 1,
+                            j * dilation + (out_w - 1) * stride + 1, cin),
+                           (1, stride, stride, 1))
+             for i in range(kh) for j in range(kw)]
+    cols = jnp.concatenate(views, axis=-1)
+    return jnp.dot(cols, kernel.reshape(kh * kw * cin, cout))
 
 
 class Conv(nn.Module):
