@@ -88,9 +88,9 @@ def test_downsampler_pads_one_on_each_side():
 def test_unported_fields_and_blocks_are_named(tmp_path):
     base = json.load(open(os.path.join(FIXTURES, "sd1", "config.json")))
     for change, message in (
-        ({"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                               "DownBlock2D"]}, "SimpleCrossAttnDownBlock2D"),
-        ({"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 8}, "encoder_hid_dim"),
+        ({"down_block_types": ["KCrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                               "DownBlock2D"]}, "KCrossAttnDownBlock2D"),
+        ({"encoder_hid_dim_type": "image_proj", "encoder_hid_dim": 8}, "encoder_hid_dim"),
         ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
         ({"not_a_field": 1}, "not_a_field"),
         ({"attention_head_dim": [4, 4]}, "attention_head_dim|num_attention_heads"),

@@ -5,12 +5,14 @@ EulerDiscreteScheduler and DPMSolverMultistepScheduler reproduced by the project
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ediffi_jax.diffusion.discrete import DiscreteSchedule, vp_denoise, vp_denoiser
+from ediffi_jax.diffusion.edm import expand_to
 from ediffi_jax.diffusion.plan import build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys
 
@@ -135,8 +137,8 @@ def test_vp_denoise_predictions():
 
 def test_config_errors_name_the_field():
     base = dict(CONFIGS["if_nothreshold"])
-    with pytest.raises(ValueError, match="'thresholding'"):
-        DiscreteSchedule.from_scheduler_config({**base, "thresholding": True})
+    with pytest.raises(ValueError, match="'use_flow_sigmas'"):
+        DiscreteSchedule.from_scheduler_config({**base, "use_flow_sigmas": True})
     with pytest.raises(ValueError, match="'frobnicate'"):
         DiscreteSchedule.from_scheduler_config({**base, "frobnicate": 1})
     with pytest.raises(ValueError, match="timestep_spacing"):
@@ -153,3 +155,47 @@ def test_config_errors_name_the_field():
         DiscreteSchedule.from_scheduler_config({**base, "lambda_min_clipped": -5.1})
     assert DiscreteSchedule.from_scheduler_config(
         {**base, "lambda_min_clipped": float("-inf")}) == schedule("if_nothreshold")
+
+
+def test_dynamic_thresholding_clips_the_guided_x0_per_example():
+    """IF's thresholding (diffusers' _threshold_sample), against numpy: the 0.95 quantile of
+    |x0| per example, clamped to [1, 1.5], clips and rescales that example only. PlanRunner
+    applies it to the guided x0, as diffusers does: not to each CFG branch."""
+    from ediffi_jax.diffusion.discrete import dynamic_threshold, guided_transform
+
+    rng = np.random.default_rng(0)
+    scales = np.array([0.3, 1.3, 4.0])[:, None, None, None]
+    x0 = (rng.normal(size=(3, 4, 5, 3)) * scales).astype(np.float32)
+    got = np.asarray(dynamic_threshold(jnp.asarray(x0), 0.95, 1.5))
+    for i in range(3):
+        q = np.clip(np.quantile(np.abs(x0[i]), 0.95), 1.0, 1.5)
+        np.testing.assert_allclose(got[i], np.clip(x0[i], -q, q) / q, rtol=1e-6)
+    np.testing.assert_allclose(got[0], x0[0], rtol=1e-6)  # below 1: untouched
+    assert guided_transform(schedule("if_nothreshold")) is None
+    s = DiscreteSchedule.from_scheduler_config({**CONFIGS["if_nothreshold"], "thresholding": True,
+                                                "dynamic_thresholding_ratio": 0.95,
+                                                "sample_max_value": 1.5})
+    np.testing.assert_allclose(np.asarray(guided_transform(s)(jnp.asarray(x0))), got, rtol=1e-6)
+    # PlanRunner thresholds the guided x0: one Euler step to sigma 0 lands on T(D_u + w (D_c
+    # - D_u)), which differs from guiding the thresholded branches.
+    cond = _Branch(jnp.ones((3,)))
+    network = lambda params, x, sigma, c, settings: (  # noqa: E731 (branches stacked)
+        jnp.concatenate([jnp.asarray(x0)] * (x.shape[0] // 3)) * expand_to(c.scale, x))
+    plan = build_plan(np.array([1.0, 0.0]), sampler="euler", guidance_scale=3.0)
+    keys = example_keys(jax.random.PRNGKey(0), np.arange(3))
+    final = PlanRunner(network, guided_transform=guided_transform(s)).run(
+        plan, [{}], cond, keys, jnp.zeros_like(x0))
+    want = dynamic_threshold(jnp.asarray(0.5 * x0 + 3.0 * (x0 - 0.5 * x0)), 0.95, 1.5)
+    np.testing.assert_allclose(np.asarray(final), np.asarray(want), rtol=1e-5, atol=1e-6)
+    half = dynamic_threshold(jnp.asarray(0.5 * x0), 0.95, 1.5)
+    per_branch = half + 3.0 * (got - half)
+    assert np.abs(np.asarray(per_branch) - np.asarray(want)).max() > 0.1
+
+
+@flax.struct.dataclass
+class _Branch:
+    """A conditioning whose denoiser output is scale * x0: 1 conditional, 0.5 unconditional."""
+    scale: jax.Array
+
+    def unconditional(self):
+        return _Branch(self.scale * 0.5)

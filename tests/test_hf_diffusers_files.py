@@ -39,8 +39,10 @@ def test_diffusers_names_follow_the_dotted_modules():
         "down_blocks.0.resnets.0.norm1.weight", "norm")
     assert names[("down_blocks.0", "resnets.0", "time_emb_proj", "kernel")] == (
         "down_blocks.0.resnets.0.time_emb_proj.weight", "linear")
-    with pytest.raises(hf.CheckpointError, match="leaf 'gamma'"):
-        hf.diffusers_names({"x": {"gamma": jax.ShapeDtypeStruct((2,), jnp.float32)}})
+    # A bare nn.Parameter (IF's attention pool) keeps its own name, copied as it is.
+    assert hf.diffusers_names({"pool": {"positional_embedding": jax.ShapeDtypeStruct(
+        (2,), jnp.float32)}}) == {("pool", "positional_embedding"):
+                                  ("pool.positional_embedding", "raw")}
 
 
 def test_fp16_variant_loads_cast_and_transposed(tmp_path):

@@ -16,6 +16,7 @@ EulerDiscreteScheduler / DPMSolverMultistepScheduler set_timesteps would use, fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -33,18 +34,16 @@ SOLVERS = ("euler", "dpmsolver")  # whose set_timesteps `discrete_sigmas` reprod
 # Fields read into the schedule.
 _READ = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
          "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
-         "use_karras_sigmas")
+         "use_karras_sigmas", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 # Fields that do not change the bridge: bookkeeping, DDPM's variance (a learned variance's
 # extra channels are dropped by shape) and x0 clipping (diffusers' Euler / DPM-Solver++ never
 # clip), and the settings of diffusers' own samplers (the project's plan picks the sampler).
 _IGNORED_ANY = ("_class_name", "_diffusers_version", "clip_sample", "clip_sample_range",
-                "set_alpha_to_one", "skip_prk_steps", "sample_max_value", "variance_type",
-                "dynamic_thresholding_ratio", "solver_order", "solver_type", "lower_order_final",
+                "set_alpha_to_one", "skip_prk_steps", "variance_type", "solver_order", "solver_type", "lower_order_final",
                 "algorithm_type", "euler_at_final")
 # Fields accepted only with these values (the ones the bridge reproduces); any other value is
 # an error naming the field.
 _IGNORED_IF = {
-    "thresholding": (False,),
     "interpolation_type": ("linear",),
     "timestep_type": ("discrete",),
     "final_sigmas_type": ("zero",),
@@ -108,6 +107,11 @@ class DiscreteSchedule:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     use_karras_sigmas: bool = False
+    # Imagen's dynamic thresholding of the predicted x0 (DeepFloyd IF): each sample is clipped
+    # to its `ratio` quantile of |x0| (at least 1, at most sample_max_value) and divided by it.
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES and self.trained_betas is None:
@@ -285,6 +289,24 @@ def vp_denoise(network: Callable, x, sigma, schedule: DiscreteSchedule, *args,
         # x0 = alpha x_vp - s_t v = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v.
         return x32 * c_in * c_in - s * c_in * out
     return out  # "sample": the model predicts x0
+
+
+def guided_transform(schedule: DiscreteSchedule):
+    """What PlanRunner applies to each guided x0 for this schedule: IF's dynamic thresholding
+    where the scheduler config asks for it, else None."""
+    if not schedule.thresholding:
+        return None
+    return functools.partial(dynamic_threshold, ratio=schedule.dynamic_thresholding_ratio,
+                             max_value=schedule.sample_max_value)
+
+
+def dynamic_threshold(x0, ratio: float, max_value: float):
+    """diffusers' _threshold_sample: per example, s = the `ratio` quantile of |x0| (linear
+    interpolation, as torch.quantile) clamped to [1, max_value]; x0 clipped to [-s, s] / s."""
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    q = jnp.clip(jnp.quantile(flat, ratio, axis=1), 1.0, max_value)
+    q = q.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -q, q) / q
 
 
 def vp_denoiser(network: Callable, schedule: DiscreteSchedule, round_t: bool = False):

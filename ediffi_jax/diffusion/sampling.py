@@ -93,11 +93,17 @@ class PlanRunner:
     is called on the host as each step of a plan runs (a `jax.debug.callback` in the loop body,
     which reads only the step index, so no sampled value changes): once per step, even where
     the callback fires on several devices of a sharded batch. One `run` at a time per runner.
+
+    `guided_transform(x0) -> x0`, when given, acts on every guided denoised image before the
+    sampler uses it: DeepFloyd IF's dynamic thresholding, which diffusers applies to the x0 of
+    the guided prediction (thresholding each branch before CFG is a different sampler).
     """
 
     def __init__(self, denoise_fn: DenoiseFn,
-                 progress: Callable[[int, int], None] | None = None, mesh=None):
+                 progress: Callable[[int, int], None] | None = None, mesh=None,
+                 guided_transform: Callable[[jax.Array], jax.Array] | None = None):
         self.denoise_fn = denoise_fn
+        self.guided_transform = guided_transform
         self.progress = progress
         self.mesh = mesh  # the loops trace inside its activation rules (parallel/mesh.py)
         self.trace_count = 0
@@ -127,10 +133,11 @@ class PlanRunner:
             base_fn = functools.partial(self.denoise_fn, settings=mild)
 
         def denoise(which, x, sigma):
-            return guided_denoise(
+            d = guided_denoise(
                 fn, expert_params[which], x, sigma, cond, uncond, scale, settings.use_cfg,
                 base_fn=base_fn, cond_text=cond_text, style_scale=style_scale,
             )
+            return d if self.guided_transform is None else self.guided_transform(d)
 
         def body(i, st):
             if self.progress is not None:

@@ -11,6 +11,10 @@ and truncated; no attention mask).
   (and the refiner's aesthetic score) become time_ids; with `force_zeros_for_empty_prompt`
   and no negative prompt, the negative embeddings are zeros.
 
+- DeepFloyd IF (tokenizer/ + a T5EncoderModel text_encoder/): T5's last hidden state with the
+  padding mask, the text lower-cased and stripped (IF's pipeline with clean_caption=False; its
+  default caption cleaning needs bs4 and ftfy and is not reproduced).
+
 The negative prompts (default "") are classifier-free guidance's unconditional branch; as in
 diffusers, clip_skip changes the prompts' embeddings only, not the negative prompts'.
 """
@@ -24,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediffi_jax.encoders.conditioner import load_clip_text
+from ediffi_jax.encoders import hf
+from ediffi_jax.encoders.conditioner import load_clip_text, load_t5
 from ediffi_jax.encoders.tokenizers import load_tokenizer, tokenize
 from ediffi_jax.models.conditioning import PromptConditioning
 
@@ -57,27 +62,40 @@ class PromptEncoder:
     def __init__(self, pipeline_dir: str, dtype: str = "float32", mesh=None,
                  clip_skip: int | None = None):
         index = _model_index(pipeline_dir)
-        self.towers = [
-            (load_tokenizer(os.path.join(pipeline_dir, tok)),
-             load_clip_text(os.path.join(pipeline_dir, enc), dtype, mesh))
-            for tok, enc in TOWERS if _has(index, pipeline_dir, enc)]
-        if not self.towers:
+        names = [(tok, enc) for tok, enc in TOWERS if _has(index, pipeline_dir, enc)]
+        if not names:
             raise ValueError(f"{pipeline_dir}: no text_encoder/ or text_encoder_2/ to encode "
                              "prompts with")
+        first = os.path.join(pipeline_dir, names[0][1])
+        self.t5 = hf.read_config(first).get("model_type") == "t5"  # DeepFloyd IF
+        if self.t5:
+            self.towers = [(load_tokenizer(os.path.join(pipeline_dir, names[0][0])),
+                            load_t5(first, dtype, mesh))]
+        else:
+            self.towers = [(load_tokenizer(os.path.join(pipeline_dir, tok)),
+                            load_clip_text(os.path.join(pipeline_dir, enc), dtype, mesh))
+                           for tok, enc in names]
         self.xl = _has(index, pipeline_dir, "text_encoder_2")  # the refiner has only that one
         if self.xl and not self.towers[-1][1].config.projection:
             raise ValueError(f"{pipeline_dir}/text_encoder_2 has no text_projection (SDXL's "
                              "pooled text is its projection)")
         self.force_zeros = self.xl and bool(index.get("force_zeros_for_empty_prompt", True))
         self.aesthetics = bool(index.get("requires_aesthetics_score", False))
+        if clip_skip is not None and self.t5:
+            raise ValueError("clip_skip: this pipeline's text encoder is T5, not CLIP")
         if clip_skip is not None and not 0 <= clip_skip < min(
                 t.config.num_hidden_layers for _, t in self.towers):
             raise ValueError(f"clip_skip {clip_skip} must be >= 0 and below the text towers' "
                              "depth")
         self.clip_skip = clip_skip
-        self._apply = [jax.jit(lambda p, ids, layer, norm, m=tower.module: m.apply(
-            {"params": p}, ids, None, layer, norm), static_argnums=(2, 3))
-            for _, tower in self.towers]
+        if self.t5:
+            self._apply = [jax.jit(lambda p, ids, mask, layer, norm, m=self.towers[0][1].module:
+                                   (m.apply({"params": p}, ids, mask), None, None),
+                                   static_argnums=(3, 4))]
+        else:
+            self._apply = [jax.jit(lambda p, ids, mask, layer, norm, m=tower.module: m.apply(
+                {"params": p}, ids, None, layer, norm), static_argnums=(3, 4))
+                for _, tower in self.towers]
 
     def _layer(self, clip_skip):
         """(hidden_layer, norm_hidden) of the towers for this clip_skip."""
@@ -87,9 +105,13 @@ class PromptEncoder:
 
     def _tower_hidden(self, i, prompts, what, clip_skip):
         tokenizer, tower = self.towers[i]
-        max_length = min(int(tokenizer.model_max_length), tower.config.max_position_embeddings)
-        ids, _ = tokenize(tokenizer, prompts, max_length, what)
-        hidden, _, projected = self._apply[i](tower.params, jnp.asarray(ids),
+        if self.t5:  # IF: 77 tokens, lower-cased, attended with T5's padding mask
+            prompts, max_length = [p.lower().strip() for p in prompts], 77
+        else:
+            max_length = min(int(tokenizer.model_max_length),
+                             tower.config.max_position_embeddings)
+        ids, mask = tokenize(tokenizer, prompts, max_length, what)
+        hidden, _, projected = self._apply[i](tower.params, jnp.asarray(ids), jnp.asarray(mask),
                                               *self._layer(clip_skip))
         return hidden, projected
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ediffi_jax.diffusion import discrete, edm
 from ediffi_jax.diffusion.plan import SegmentSettings
+from ediffi_jax.models import diffusers_unet
 from ediffi_jax.models.unet import UNet, check_conv_settings
 from ediffi_jax.paint.bias import cross_attention_bias
 
@@ -41,6 +42,9 @@ def diffusers_denoise_fn(unet, schedule):
     paint-with-words bias reach the network as for the project's own U-Net."""
 
     def denoise_fn(params, x, sigma, cond, settings: SegmentSettings):
+        conv_settings = dict(settings.layers)
+        if conv_settings:
+            diffusers_unet.check_conv_settings(params, conv_settings)
         bias = None
         if settings.paint is not None and cond.paint is not None:
             bias = cross_attention_bias(cond.paint, sigma, settings.paint)
@@ -52,7 +56,7 @@ def diffusers_denoise_fn(unet, schedule):
             return unet.apply(
                 {"params": params}, x_in, t, cond.context,
                 encoder_attention_mask=cond.context_mask, text_embeds=cond.pooled,
-                time_ids=cond.time_ids, conv_settings=dict(settings.layers),
+                time_ids=cond.time_ids, conv_settings=conv_settings,
                 cross_attention_bias=bias)
 
         return discrete.vp_denoise(network, x, sigma, schedule)

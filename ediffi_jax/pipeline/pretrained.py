@@ -96,7 +96,8 @@ class PretrainedPipeline:
     mesh: object = None
 
     def __post_init__(self):
-        self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh)
+        self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh,
+                                 guided_transform=discrete.guided_transform(self.schedule))
         self._decode = None
 
     @property
