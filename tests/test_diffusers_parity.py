@@ -24,7 +24,7 @@ def nhwc(a):
 
 def load_unet(directory):
     config, params = load_component(directory, diffusers_unet.DiffusersUNetConfig,
-                                    diffusers_unet.abstract_params, jnp.float32, None)
+                                    diffusers_unet.abstract_boxed, None)
     return diffusers_unet.DiffusersUNet(config), params
 
 
@@ -126,8 +126,7 @@ def test_weights_with_the_wrong_shape_are_named(tmp_path):
 def test_vae_matches_diffusers():
     directory = os.path.join(FIXTURES, "vae")
     io = np.load(os.path.join(directory, "io.npz"))
-    config, params = load_component(directory, vae_lib.VAEConfig, vae_lib.abstract_params,
-                                    jnp.float32, None)
+    config, params = load_component(directory, vae_lib.VAEConfig, vae_lib.abstract_boxed, None)
     model = vae_lib.AutoencoderKL(config)
     mean, logvar = model.apply({"params": params}, nhwc(io["images"]), method="encode")
     np.testing.assert_allclose(np.asarray(mean), io["mean"].transpose(0, 2, 3, 1), atol=1e-4)

@@ -76,6 +76,32 @@ def test_sample_draws_named_noise_and_decodes(pipe, ref):
         pipe.sample(plan, _cond(ref), size=(15, 24))
 
 
+def test_sharded_load_places_each_tensor_on_its_shard(pipe, ref):
+    """On a (data 2, fsdp 2, tensor 2) mesh the weights load straight onto the rules table's
+    shardings (conv outputs over fsdp, attention heads and MLP widths over tensor) and the
+    sampled latents equal the single-device ones."""
+    import jax
+
+    from ediffi_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh((2, 2, 2), jax.devices()[:8])
+    sharded = load_pretrained(FIXTURE, mesh=mesh)
+    kernel = sharded.unet_params["down_blocks.0"]["resnets.0"]["conv1"]["kernel"]
+    assert kernel.sharding.mesh.shape == mesh.shape
+    assert kernel.sharding.shard_shape(kernel.shape)[-1] == kernel.shape[-1] // 2  # fsdp
+    ff = sharded.unet_params["down_blocks.0"]["attentions.0"]["transformer_blocks.0"]["ff"]
+    proj = ff["net.0.proj"]["kernel"]
+    assert proj.sharding.shard_shape(proj.shape)[-1] == proj.shape[-1] // 2  # tensor
+    assert sharded.vae_params["decoder"]["conv_in"]["kernel"].sharding.mesh.shape == mesh.shape
+    sigmas = ref["euler_sigmas"]
+    plan = pipe.plan(sampler="euler", guidance_scale=float(ref["guidance"]), sigmas=sigmas)
+    x = jnp.asarray(ref["noise"].transpose(0, 2, 3, 1)) * sigmas[0]
+    want = np.asarray(pipe.denoise(plan, _cond(ref), x))
+    got = np.asarray(sharded.denoise(plan, _cond(ref), x))
+    scale = np.abs(want).max()  # partitioned reductions reorder float32 sums: 1e-5 relative
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5)
+
+
 def _copy(tmp_path):
     target = tmp_path / "pipe"
     shutil.copytree(FIXTURE, target)

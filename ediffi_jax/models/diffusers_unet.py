@@ -726,9 +726,15 @@ def boxed_init(config: DiffusersUNetConfig, key):
     return DiffusersUNet(config).init(key, *args, **kwargs)["params"]
 
 
+def abstract_boxed(config: DiffusersUNetConfig):
+    """The params tree as ShapeDtypeStructs still boxed with their logical axis names (for
+    parallel/mesh.logical_shardings), allocating nothing."""
+    return jax.eval_shape(lambda: boxed_init(config, jax.random.key(0)))
+
+
 def abstract_params(config: DiffusersUNetConfig):
     """ShapeDtypeStructs of the params tree, allocating nothing."""
-    return jax.eval_shape(lambda: nn.meta.unbox(boxed_init(config, jax.random.key(0))))
+    return nn.meta.unbox(abstract_boxed(config))
 
 
 def init_params(config: DiffusersUNetConfig, key):

@@ -260,11 +260,15 @@ def _example(config: VAEConfig):
     return jnp.zeros((1, 2 * f, 2 * f, config.in_channels), jnp.float32)
 
 
+def abstract_boxed(config: VAEConfig):
+    """Shapes/dtypes of the params tree with their logical axis names (no compute)."""
+    model = AutoencoderKL(config)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _example(config)))["params"]
+
+
 def abstract_params(config: VAEConfig):
     """Shapes/dtypes of the params tree (no compute)."""
-    model = AutoencoderKL(config)
-    return nn.meta.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), _example(config)))["params"])
+    return nn.meta.unbox(abstract_boxed(config))
 
 
 def init_params(config: VAEConfig, key):

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,7 @@ from ediffi_jax.diffusion.plan import Plan, build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
 from ediffi_jax.encoders import hf
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
+from ediffi_jax.parallel.mesh import logical_shardings
 from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
 from ediffi_jax.rng import root, sampling_key
 
@@ -73,11 +75,19 @@ def read_pipeline(directory: str) -> dict[str, str]:
     return components
 
 
-def load_component(directory: str, config_cls, abstract_fn, dtype, variant, shardings=None):
-    """(config, params) of one diffusers model folder (config.json + weights)."""
-    config = config_cls.from_hf(read_json_file(os.path.join(directory, "config.json"),
-                                               "a diffusers model config"))
-    abstract = abstract_fn(config)
+def read_component_config(directory: str, config_cls):
+    return config_cls.from_hf(read_json_file(os.path.join(directory, "config.json"),
+                                             "a diffusers model config"))
+
+
+def load_component(directory: str, config_cls, boxed_fn, variant, mesh=None):
+    """(config, params) of one diffusers model folder (config.json + weights), float32; with
+    a mesh each tensor is placed straight onto its shard of the one sharding rules table
+    (parallel/mesh.py), as the project's own models are."""
+    config = read_component_config(directory, config_cls)
+    boxed = boxed_fn(config)
+    abstract = nn.meta.unbox(boxed)
+    shardings = None if mesh is None else logical_shardings(boxed, mesh)
     params = hf.load(directory, hf.diffusers_names(abstract), abstract, shardings=shardings,
                      dtype=np.float32, stem=WEIGHTS, variant=variant, whole_file=True)
     return config, params
@@ -177,12 +187,11 @@ def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | No
         os.path.join(scheduler_dir, "scheduler_config.json"), "the checkpoint's noise schedule"))
     compute = jnp.dtype(dtype)
     unet_config, unet_params = load_component(
-        unet_dir, diffusers_unet.DiffusersUNetConfig, diffusers_unet.abstract_params, compute,
-        variant)
+        unet_dir, diffusers_unet.DiffusersUNetConfig, diffusers_unet.abstract_boxed, variant, mesh)
     unet = diffusers_unet.DiffusersUNet(unet_config, dtype=compute)
     vae = vae_params = None
     if vae_dir is not None:
         vae_config, vae_params = load_component(vae_dir, vae_lib.VAEConfig,
-                                                vae_lib.abstract_params, compute, variant)
+                                                vae_lib.abstract_boxed, variant, mesh)
         vae = vae_lib.AutoencoderKL(vae_config, dtype=compute)
     return PretrainedPipeline(directory, unet, unet_params, schedule, vae, vae_params, mesh)
