@@ -2,6 +2,13 @@
 
     python -m ediffi_jax.info --config configs/base64.py:D [--batch 1] [--config.model.channels=128]
 
+or plan a diffusers checkpoint from its config.json files alone (pipeline/pretrained_plan.py):
+parameters per component, FLOPs per image, per-device memory for sampling and for a full
+fine-tune of its U-Net on a mesh (exit status 3 when the fine-tune does not fit):
+
+    python -m ediffi_jax.info --pretrained configs/pretrained/sd15 [--size 512x512] \
+        [--steps 25] [--batch 1] [--devices 8 --mesh 1,8,1] [--device-memory-gib 80]
+
 FLOPs come from XLA's cost analysis of the compiled forward on abstract inputs
 (jax.ShapeDtypeStruct), so even the paper-size model needs no memory for weights.
 """
@@ -36,13 +43,65 @@ def forward_flops(model: UNetConfig, batch: int = 1, resolution: int | None = No
     return cost_of(fwd.lower(params, x, c_noise, cond).compile())
 
 
+def _pretrained(args) -> int:
+    from ediffi_jax.config import ConfigError
+    from ediffi_jax.encoders.hf import CheckpointError
+    from ediffi_jax.pipeline.pretrained_plan import plan_pretrained
+
+    try:
+        size = None
+        if args.size:
+            try:
+                size = tuple(int(v) for v in args.size.lower().split("x"))
+                assert len(size) == 2
+            except (ValueError, AssertionError):
+                raise ConfigError(f"--size must be HxW, got {args.size!r}") from None
+        try:
+            mesh = tuple(int(v) for v in args.mesh.split(","))
+        except ValueError:
+            raise ConfigError(f"--mesh must be data,fsdp,tensor, got {args.mesh!r}") from None
+        plan = plan_pretrained(
+            args.pretrained, size=size, batch=args.batch, steps=args.steps, cfg=not args.no_cfg,
+            devices=args.devices, mesh_shape=mesh, dtype=args.dtype,
+            device_memory_gib=args.device_memory_gib, finetune_batch=args.finetune_batch,
+            finetune=not args.no_finetune)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(plan.report()))
+    fits = plan.finetune is None or plan.finetune.total_bytes <= plan.device_memory
+    return 0 if fits else 3
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="configs/X.py or configs/X.py:ARG")
+    which.add_argument("--pretrained", help="a diffusers pipeline or U-Net folder (only its "
+                       "config.json files are read)")
     parser.add_argument("--batch", type=int, default=1)
+    g = parser.add_argument_group("--pretrained")
+    g.add_argument("--size", help="HxW image size (default: the U-Net's sample_size x the VAE "
+                   "factor)")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--no-cfg", action="store_true", help="one branch per step, not two")
+    g.add_argument("--devices", type=int, help="devices of the mesh (simulated on a CPU host)")
+    g.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor (-1: the rest)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--device-memory-gib", type=float, default=80.0)
+    g.add_argument("--finetune-batch", type=int, help="global fine-tune batch (default: one "
+                   "example per data x fsdp shard)")
+    g.add_argument("--no-finetune", action="store_true", help="sampling only")
     args = parser.parse_args(rest)
+    if args.pretrained:
+        if overrides:
+            parser.error("--config.* overrides apply to --config, not --pretrained")
+        from ediffi_jax.training.dry_run import prepare_host
+
+        prepare_host(args.devices)  # before any jax backend starts
+        return _pretrained(args)
     spec = parse_config(load_config(args.config, overrides))
     params = abstract_params(spec.model)
     n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))

@@ -291,6 +291,21 @@ def vp_denoise(network: Callable, x, sigma, schedule: DiscreteSchedule, *args,
     return out  # "sample": the model predicts x0
 
 
+def vp_training_pair(schedule: DiscreteSchedule, x0, noise, t):
+    """(x_t, target) of the model's own training loss at integer timesteps t [B]: x_t =
+    sqrt(a_t) x0 + sqrt(1 - a_t) noise and the target of its parameterisation (noise for
+    epsilon, v = sqrt(a_t) noise - sqrt(1 - a_t) x0, or x0 itself), as diffusers' training
+    scripts build them (DDPMScheduler.add_noise / get_velocity), in float32."""
+    a = expand_to(jnp.asarray(schedule.alphas_cumprod())[t], x0)
+    alpha, s_t = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+    x_t = alpha * x0 + s_t * noise
+    if schedule.prediction_type == "epsilon":
+        return x_t, noise
+    if schedule.prediction_type == "v_prediction":
+        return x_t, alpha * noise - s_t * x0
+    return x_t, x0
+
+
 def guided_transform(schedule: DiscreteSchedule):
     """What PlanRunner applies to each guided x0 for this schedule: IF's dynamic thresholding
     where the scheduler config asks for it, else None."""

@@ -62,11 +62,25 @@ class Tower:
         self.apply = jax.jit(lambda p, *args: self.module.apply({"params": p}, *args))
 
 
-def _load_tower(directory, config_cls, module_cls, hf_names, example_args, dtype, mesh) -> Tower:
-    """Read config.json, build the module, load its params (sharded over `mesh` if given)."""
+def _abstract_tower(directory, config_cls, module_cls, example_args, dtype):
+    """(config, module, params as boxed ShapeDtypeStructs) from config.json alone."""
     cfg = config_cls.from_hf(hf.read_config(directory), dtype=dtype)
     module = module_cls(cfg)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args(cfg))["params"])
+    return cfg, module, boxed
+
+
+def abstract_text_tower(directory: str, dtype: str = "float32"):
+    """(config, module, boxed abstract params) of a T5 or CLIP text tower's folder, by its
+    config's model_type: what a planner needs without the weights."""
+    if hf.read_config(directory).get("model_type") == "t5":
+        return _abstract_tower(directory, t5.T5Config, t5.T5Encoder, _text_args, dtype)
+    return _abstract_tower(directory, clip.CLIPTextConfig, clip.CLIPTextTower, _text_args, dtype)
+
+
+def _load_tower(directory, config_cls, module_cls, hf_names, example_args, dtype, mesh) -> Tower:
+    """Read config.json, build the module, load its params (sharded over `mesh` if given)."""
+    cfg, module, boxed = _abstract_tower(directory, config_cls, module_cls, example_args, dtype)
     shardings = None
     if mesh is not None:
         shardings = logical_shardings(boxed, mesh)

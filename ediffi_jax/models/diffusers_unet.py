@@ -701,11 +701,14 @@ def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:
             raise TypeError(f"conv setting for {name!r} must be a ConvSetting, got {setting!r}")
 
 
-def example_inputs(config: DiffusersUNetConfig, batch: int = 1) -> tuple[tuple, dict]:
-    """The smallest inputs of the right shapes: (args, kwargs) for init / eval_shape."""
+def example_inputs(config: DiffusersUNetConfig, batch: int = 1, size: tuple[int, int] | None = None,
+                   tokens: int = 1) -> tuple[tuple, dict]:
+    """Zero inputs of the right shapes, (args, kwargs): by default the smallest (for init /
+    eval_shape); `size` (H, W of the sample) and `tokens` for a real-size call (to plan one)."""
     f = config.downsample_factor
-    args = (jnp.zeros((batch, f, f, config.in_channels)), jnp.zeros((batch,)),
-            jnp.zeros((batch, 1, config.context_dim)))
+    h, w = size or (f, f)
+    args = (jnp.zeros((batch, h, w, config.in_channels)), jnp.zeros((batch,)),
+            jnp.zeros((batch, tokens, config.context_dim)))
     kwargs = {}
     if config.addition_embed_type == "text_time":
         n_ids = 6
