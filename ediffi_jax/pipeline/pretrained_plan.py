@@ -138,6 +138,8 @@ class PretrainedPlan:
                 f"{size(self.device_memory)}); {f.flops / f.batch:.4g} FLOPs per example "
                 "(forward + backward + update)",
             ]
+        if self.decode is None:
+            lines.append("(no vae/config.json: the size is the U-Net's own input, pixels)")
         if self.platform == "cpu":
             lines.append("(CPU compiler's buffer assignment on simulated devices: an estimate)")
         return lines
