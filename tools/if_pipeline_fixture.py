@@ -7,6 +7,8 @@ Run from the repo root with the tools venv (tools/requirements-torch.txt):
 
     .venv-tools/bin/python tools/if_pipeline_fixture.py --out tests/fixtures/diffusers/tiny_if
 
+(stage II goes to the same path + "2": tests/fixtures/diffusers/tiny_if2).
+
 Writes a pipeline folder (unet/, text_encoder/, tokenizer/ (a 41-piece SentencePiece
 unigram model trained here on a few captions), scheduler/ (IF-I's DDPMScheduler config),
 model_index.json; float32 safetensors) and reference.npz: the prompt and negative
@@ -29,7 +31,7 @@ import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, IFPipeline,  # noqa: E402
-                       UNet2DConditionModel)
+                       IFSuperResolutionPipeline, UNet2DConditionModel)
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from transformers import T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
 
@@ -49,6 +51,25 @@ UNET = dict(
     act_fn="gelu", resnet_skip_time_act=True, resnet_time_scale_shift="scale_shift",
     time_embedding_act_fn="gelu", cross_attention_norm="group_norm", norm_num_groups=8,
 )
+# Stage II (IF-II-like): the 3 noisy channels + the upsampled low-res image's 3, its noise
+# level as a timestep class embedding; 16 -> 32 pixels here (IF: 64 -> 256).
+UNET2 = dict(
+    sample_size=32, in_channels=6, out_channels=6, layers_per_block=(1, 2),
+    block_out_channels=(16, 24),
+    down_block_types=("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"),
+    cross_attention_dim=12, encoder_hid_dim=T5_DIM, encoder_hid_dim_type="text_proj",
+    addition_embed_type="text", addition_embed_type_num_heads=2, attention_head_dim=(4, 8),
+    act_fn="gelu", resnet_skip_time_act=True, resnet_time_scale_shift="scale_shift",
+    time_embedding_act_fn="gelu", class_embed_type="timestep", norm_num_groups=4,
+    resnet_out_scale_factor=1.25,
+)
+# The low-res image's augmentation schedule (IFSuperResolutionPipeline's image_noising_scheduler).
+NOISING = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+               beta_end=0.02, clip_sample=True, prediction_type="epsilon",
+               variance_type="fixed_small")
+NOISE_LEVEL, GUIDANCE2, STEPS2 = 250, 4.0, 4
 # IF-I-XL's scheduler_config.json (DDPMScheduler).
 SCHEDULER = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
@@ -75,6 +96,57 @@ def tiny_t5_tokenizer(directory):
     tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
     tok.save_pretrained(directory)
     return tok
+
+
+def published_scheduler(folder, config):
+    """A scheduler config as IF publishes it (diffusers 0.16): no timestep_spacing key, so a
+    scheduler made from it (DPMSolverMultistepScheduler.from_config) takes its own default."""
+    with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "DDPMScheduler", "_diffusers_version": "0.16.0", **config},
+                  f, indent=2)
+
+
+def stage_two(out, tok, t5, lowres):
+    """The tiny stage II from stage I's images: IFSuperResolutionPipeline with DPM-Solver++(2M)
+    and thresholding; its two draws (the initial noise, then the low-res image's augmentation
+    noise) are recorded by replaying the seeded generator."""
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    unet = UNet2DConditionModel(**UNET2).eval()
+    randomise(unet, 23)
+    scheduler = DDPMScheduler(**SCHEDULER)
+    pipe = IFSuperResolutionPipeline(
+        tokenizer=tok, text_encoder=t5, unet=unet, scheduler=scheduler,
+        image_noising_scheduler=DDPMScheduler(**NOISING), safety_checker=None,
+        feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    size = UNET2["sample_size"]
+    generator = torch.Generator().manual_seed(SEED + 1)
+    shape = (len(PROMPTS), 3, size, size)
+    ref = {"lowres_input": lowres.numpy(), "noise": randn_tensor(shape, generator=generator).numpy(),
+           "augmentation_noise": randn_tensor(shape, generator=generator).numpy(),
+           "noise_level": np.int32(NOISE_LEVEL), "guidance": np.float32(GUIDANCE2),
+           "steps": np.int32(STEPS2)}
+    with torch.no_grad():
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config,
+                                                                 algorithm_type="dpmsolver++")
+        ref["images"] = pipe(PROMPTS, image=lowres, negative_prompt=NEGATIVE,
+                             num_inference_steps=STEPS2, guidance_scale=GUIDANCE2, height=size,
+                             width=size, noise_level=NOISE_LEVEL,
+                             generator=torch.Generator().manual_seed(SEED + 1),
+                             output_type="pt", clean_caption=False).images.numpy()
+        upscaled = torch.nn.functional.interpolate(lowres, (size, size), mode="bilinear",
+                                                   align_corners=True)
+        ref["lowres"] = pipe.image_noising_scheduler.add_noise(
+            upscaled, torch.tensor(ref["augmentation_noise"]),
+            torch.tensor([NOISE_LEVEL] * len(PROMPTS))).numpy()
+    pipe.scheduler = scheduler
+    pipe.save_pretrained(out)
+    published_scheduler(os.path.join(out, "scheduler"), SCHEDULER)
+    published_scheduler(os.path.join(out, "image_noising_scheduler"), NOISING)
+    np.savez(os.path.join(out, "reference.npz"), **ref)
+    for k, v in ref.items():
+        print("stage II", k, np.shape(v), float(np.abs(v).max()) if np.ndim(v) else v)
 
 
 def main():
@@ -118,13 +190,10 @@ def main():
                           clean_caption=False).images
             ref[f"{name}_images"] = images.numpy()
             ref[f"{name}_sigmas"] = np.asarray(pipe.scheduler.sigmas, np.float64)
+    stage_two(out + "2", tok, t5, torch.tensor(ref["threshold_images"]))
     pipe.scheduler = scheduler
     pipe.save_pretrained(out)
-    # As IF-I-XL publishes it (diffusers 0.16): no timestep_spacing key, so a scheduler made
-    # from it (DPMSolverMultistepScheduler.from_config, as above) takes its own default.
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "DDPMScheduler", "_diffusers_version": "0.16.0",
-                   **SCHEDULER}, f, indent=2)
+    published_scheduler(os.path.join(out, "scheduler"), SCHEDULER)
     np.savez(os.path.join(out, "reference.npz"), **ref)
     for k, v in ref.items():
         print(k, np.shape(v), float(np.abs(v).max()) if np.ndim(v) else v)

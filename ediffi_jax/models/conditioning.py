@@ -98,6 +98,12 @@ class PromptConditioning:
     negative_time_ids: jax.Array | None = None  # the refiner's: its negative aesthetic score
     # Paint-with-words token masks [B, H_mask, W_mask, L]; zeros in the negative branch.
     paint: jax.Array | None = None
+    # A super-resolution stage's input (DeepFloyd IF stage II): the upsampled, noise-augmented
+    # low-res image [B, H, W, C] (VP form, as the pipeline's image_noising_scheduler makes
+    # it), concatenated to the U-Net's input, and its augmentation timestep [B], the U-Net's
+    # class label; the same in both CFG branches.
+    lowres: jax.Array | None = None
+    noise_level: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:

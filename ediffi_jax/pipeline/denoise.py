@@ -4,6 +4,8 @@ plan: it is given conv settings and a cross-attention bias, and sigma reaches th
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from ediffi_jax.diffusion import discrete, edm
 from ediffi_jax.diffusion.plan import SegmentSettings
 from ediffi_jax.models import diffusers_unet
@@ -53,11 +55,13 @@ def diffusers_denoise_fn(unet, schedule):
                              "paint (give PaintSettings)")
 
         def network(x_in, t):
+            if cond.lowres is not None:  # IF stage II: [noisy image, augmented low-res]
+                x_in = jnp.concatenate([x_in, cond.lowres.astype(x_in.dtype)], axis=-1)
             return unet.apply(
                 {"params": params}, x_in, t, cond.context,
                 encoder_attention_mask=cond.context_mask, text_embeds=cond.pooled,
-                time_ids=cond.time_ids, conv_settings=conv_settings,
-                cross_attention_bias=bias)
+                time_ids=cond.time_ids, class_labels=cond.noise_level,
+                conv_settings=conv_settings, cross_attention_bias=bias)
 
         return discrete.vp_denoise(network, x, sigma, schedule)
 

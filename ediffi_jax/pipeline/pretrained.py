@@ -28,7 +28,7 @@ from ediffi_jax.encoders import hf
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
 from ediffi_jax.parallel.mesh import logical_shardings
 from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
-from ediffi_jax.rng import root, sampling_key
+from ediffi_jax.rng import Stream, root, sampling_key
 
 WEIGHTS = "diffusion_pytorch_model"
 # model_index.json classes this port reads, by component; others are refused by name.
@@ -104,6 +104,8 @@ class PretrainedPipeline:
     vae: "vae_lib.AutoencoderKL | None" = None
     vae_params: dict | None = None
     mesh: object = None
+    # DeepFloyd IF stage II: the schedule that noise-augments its upsampled low-res input.
+    noising_schedule: "discrete.DiscreteSchedule | None" = None
 
     def __post_init__(self):
         self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh,
@@ -112,7 +114,37 @@ class PretrainedPipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        """The sampled image's channels (IF stage II's U-Net input also holds the low-res)."""
+        c = self.unet.config.in_channels
+        return c // 2 if self.noising_schedule is not None else c
+
+    def with_lowres(self, cond, images, *, noise_level: int = 250, seed: int | jax.Array = 0,
+                    size=None, noise=None):
+        """cond with IF stage II's input: stage-I `images` [B, h, w, C] in [-1, 1] upsampled
+        bilinearly to `size` (default the U-Net's sample_size; corners aligned, as
+        IFSuperResolutionPipeline does) and noised to timestep `noise_level` of the
+        pipeline's image_noising_scheduler, with `noise` or noise drawn from `seed`."""
+        if self.noising_schedule is None:
+            raise ValueError(f"{self.directory} has no image_noising_scheduler: not a "
+                             "super-resolution stage")
+        if not 0 <= noise_level < self.noising_schedule.num_train_timesteps:
+            raise ValueError(f"noise_level {noise_level} outside [0, "
+                             f"{self.noising_schedule.num_train_timesteps})")
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[0] != cond.batch_size:
+            raise ValueError(f"low-res images {images.shape}: expected [{cond.batch_size}, h, w, "
+                             "C], one per prompt")
+        size = size or (self.unet.config.sample_size,) * 2
+        upscaled = resize_bilinear_aligned(images, size)
+        if noise is None:  # each example's own augmentation stream, as sample() keys it
+            key = sampling_key(seed) if isinstance(seed, int) else root(seed)
+            keys = example_keys(key, jnp.arange(images.shape[0], dtype=jnp.uint32))
+            noise = jax.vmap(lambda k: jax.random.normal(
+                jax.random.fold_in(k, int(Stream.LOWRES_AUG)), upscaled.shape[1:]))(keys)
+        t = jnp.full((images.shape[0],), noise_level, jnp.int32)
+        lowres, _ = discrete.vp_training_pair(self.noising_schedule, upscaled,
+                                              jnp.asarray(noise, jnp.float32), t)
+        return cond.replace(lowres=lowres, noise_level=t.astype(jnp.float32))
 
     def sigmas(self, num_steps: int, schedule: str = "discrete",
                sampler: str = "euler") -> np.ndarray:
@@ -151,6 +183,9 @@ class PretrainedPipeline:
         h, w = size
         if h % scale or w % scale:
             raise ValueError(f"size {h}x{w} is not a multiple of the VAE's factor {scale}")
+        if self.noising_schedule is not None and cond.lowres is None:
+            raise ValueError(f"{self.directory} is a super-resolution stage: give its low-res "
+                             "input (cond = pipe.with_lowres(cond, images))")
         b = cond.batch_size
         key = sampling_key(seed) if isinstance(seed, int) else root(seed)
         keys = example_keys(key, jnp.arange(first_index, first_index + b, dtype=jnp.uint32))
@@ -159,6 +194,27 @@ class PretrainedPipeline:
         sigma0 = self.schedule.init_noise_sigma(np.asarray(plan.sigmas), _solver(plan.segments[0].settings.sampler))
         x = initial_noise(keys, (h // scale, w // scale, self.latent_channels), sigma0)
         return self.decode(self.runner.run(plan, [self.unet_params], cond, keys, x))
+
+
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] linear interpolation weights with the corner samples aligned
+    (torch's interpolate(mode="bilinear", align_corners=True))."""
+    src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (src - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] += 1.0 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+def resize_bilinear_aligned(images, size):
+    """NHWC images resized bilinearly with aligned corners (IF's upsampling of its low-res
+    input), as two small matmuls."""
+    rows = _align_corners_matrix(images.shape[1], size[0])
+    cols = _align_corners_matrix(images.shape[2], size[1])
+    return jnp.einsum("oh,bhwc,pw->bopc", rows, images, cols)
 
 
 def _solver(sampler: str) -> str:
@@ -185,6 +241,11 @@ def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | No
                                      "scheduler_config.json beside it or in ../scheduler")
     schedule = discrete.DiscreteSchedule.from_scheduler_config(read_json_file(
         os.path.join(scheduler_dir, "scheduler_config.json"), "the checkpoint's noise schedule"))
+    noising = None
+    noising_dir = os.path.join(directory, "image_noising_scheduler")
+    if os.path.isfile(os.path.join(noising_dir, "scheduler_config.json")):
+        noising = discrete.DiscreteSchedule.from_scheduler_config(read_json_file(
+            os.path.join(noising_dir, "scheduler_config.json"), "IF stage II's augmentation"))
     compute = jnp.dtype(dtype)
     unet_config, unet_params = load_component(
         unet_dir, diffusers_unet.DiffusersUNetConfig, diffusers_unet.abstract_boxed, variant, mesh)
@@ -194,4 +255,5 @@ def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | No
         vae_config, vae_params = load_component(vae_dir, vae_lib.VAEConfig,
                                                 vae_lib.abstract_boxed, variant, mesh)
         vae = vae_lib.AutoencoderKL(vae_config, dtype=compute)
-    return PretrainedPipeline(directory, unet, unet_params, schedule, vae, vae_params, mesh)
+    return PretrainedPipeline(directory, unet, unet_params, schedule, vae, vae_params, mesh,
+                              noising)
