@@ -21,16 +21,12 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from ediffi_jax.config import load_config, split_overrides
+from ediffi_jax.config import ConfigError, load_config, split_overrides
+from ediffi_jax.encoders.hf import CheckpointError
 from ediffi_jax.models.unet import UNet, UNetConfig, abstract_params
+from ediffi_jax.pipeline.pretrained_plan import plan_pretrained
 from ediffi_jax.runs.spec import parse_config
-
-
-def cost_of(compiled) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax returns one dict per program
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+from ediffi_jax.training.dry_run import cost_of
 
 
 def forward_flops(model: UNetConfig, batch: int = 1, resolution: int | None = None) -> float:
@@ -44,10 +40,6 @@ def forward_flops(model: UNetConfig, batch: int = 1, resolution: int | None = No
 
 
 def _pretrained(args) -> int:
-    from ediffi_jax.config import ConfigError
-    from ediffi_jax.encoders.hf import CheckpointError
-    from ediffi_jax.pipeline.pretrained_plan import plan_pretrained
-
     try:
         size = None
         if args.size:

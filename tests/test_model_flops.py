@@ -9,7 +9,7 @@ import pytest
 from benchmarks.train_mfu import model_flops_per_step
 from benchmarks.vs_diffusers import matmul_flops
 from ediffi_jax.config import load_config
-from ediffi_jax.info import cost_of
+from ediffi_jax.training.dry_run import cost_of
 from ediffi_jax.runs.spec import run_schema
 from ediffi_jax.training.dry_run import plan_step
 

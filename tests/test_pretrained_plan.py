@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from ediffi_jax.config import ConfigError
-from ediffi_jax.info import cost_of
+from ediffi_jax.training.dry_run import cost_of
 from ediffi_jax.models import diffusers_unet
 from ediffi_jax.pipeline.pretrained import read_component_config
 from ediffi_jax.pipeline.pretrained_plan import TOKENS, plan_pretrained

@@ -27,13 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ediffi_jax.config import ConfigError
 from ediffi_jax.diffusion import discrete
 from ediffi_jax.encoders.conditioner import abstract_text_tower
-from ediffi_jax.info import cost_of
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
 from ediffi_jax.parallel.mesh import (batch_sharding, logical_shardings, make_mesh,
                                       with_activation_rules)
 from ediffi_jax.pipeline.pretrained import read_component_config, read_json_file
 from ediffi_jax.runs.checkpoint import abstract_like
-from ediffi_jax.training.dry_run import GIB, _devices, _per_device_bytes
+from ediffi_jax.training.dry_run import GIB, _devices, _per_device_bytes, cost_of
 from ediffi_jax.training.step import (TrainConfig, all_finite, apply_update, init_state,
                                       make_optimizer, state_shardings)
 

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ediffi_jax.config import ConfigError
-from ediffi_jax.info import cost_of
 from ediffi_jax.models.unet import UNet, boxed_init
 from ediffi_jax.parallel.host import configure_cpu_host
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
@@ -37,6 +36,16 @@ from ediffi_jax.training.trainer import check_layout, jit_train_step, run_mesh
 
 GIB = 2**30
 NOT_FIT = 3  # CLI exit status when the layout does not fit
+
+
+def cost_of(compiled) -> float:
+    """XLA's FLOP count of a compiled (or lowered) program, from its cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returns one dict per program
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
 _FORCED = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
