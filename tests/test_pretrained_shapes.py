@@ -16,7 +16,7 @@ from ediffi_jax.models import diffusers_unet, vae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "tests", "fixtures", "diffusers", "shapes")
 PUBLISHED = {"sd15_unet": 859.52e6, "sd15_vae": 83.65e6, "sd21_unet": 865.91e6,
-             "sdxl_base_unet": 2567.46e6, "sdxl_base_vae": 83.65e6}
+             "sdxl_base_unet": 2567.46e6, "sdxl_base_vae": 83.65e6, "sd21_vae": 83.65e6}
 MODULES = {"unet": diffusers_unet.DiffusersUNetConfig, "vae": vae.VAEConfig}
 ABSTRACT = {"unet": diffusers_unet.abstract_params, "vae": vae.abstract_params}
 
