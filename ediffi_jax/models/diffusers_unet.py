@@ -267,12 +267,17 @@ class TimestepEmbedding(nn.Module):
 
 def _layer_norm(name: str, x, dtype):
     """torch's LayerNorm (eps 1e-5) named `name` in the calling compact module, float32
-    statistics; params scale / bias (-> weight / bias)."""
+    statistics; params scale / bias (-> weight / bias).
+
+    On the CPU an optimization barrier keeps the norm out of the next projection: XLA would fold
+    its reductions into YNNPACK's dot fusion, which then runs slower than the two apart
+    (LayerNorm + GEGLU at SD's 64 x 64 level: 130 -> 111 ms, BENCHMARKS.md)."""
     init = lambda f: nn.with_logical_partitioning(f, ("norm",))  # noqa: E731
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                        scale_init=init(nn.initializers.ones_init()),
-                        bias_init=init(nn.initializers.zeros_init()),
-                        name=name)(x.astype(jnp.float32)).astype(dtype)
+    out = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                       scale_init=init(nn.initializers.ones_init()),
+                       bias_init=init(nn.initializers.zeros_init()),
+                       name=name)(x.astype(jnp.float32)).astype(dtype)
+    return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
 
 class TextTimeEmbedding(nn.Module):
