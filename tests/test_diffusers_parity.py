@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from ediffi_jax.models import diffusers_unet, layers, vae as vae_lib
 from ediffi_jax.pipeline.pretrained import load_component
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers", "parity")
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "variants", "if1", "if2")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "variants", "if1", "if2", "if2_cross")
 
 
 def nhwc(a):
@@ -94,9 +95,27 @@ def test_unported_fields_and_blocks_are_named(tmp_path):
         ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
         ({"not_a_field": 1}, "not_a_field"),
         ({"attention_head_dim": [4, 4]}, "attention_head_dim|num_attention_heads"),
+        ({"only_cross_attention": True}, r"only_cross_attention.*CrossAttnDownBlock2D"),
     ):
         with pytest.raises(ValueError, match=message):
             diffusers_unet.DiffusersUNetConfig.from_hf({**base, **change})
+
+
+def test_only_cross_attention_resolves_per_block_as_diffusers():
+    """A single boolean also sets the mid block's (unless mid_block_only_cross_attention says);
+    a per-block tuple leaves the mid block off; up blocks take the reversed tuple."""
+    base = json.load(open(os.path.join(FIXTURES, "if2", "config.json")))
+    config = lambda **kw: diffusers_unet.DiffusersUNetConfig.from_hf({**base, **kw})  # noqa: E731
+    flags = lambda c: (c.cross_only("down"), c.cross_only("up"), c.cross_only("mid"))  # noqa: E731
+    assert flags(config(only_cross_attention=True)) == ((True, True), (True, True), (True,))
+    assert flags(config(only_cross_attention=True, mid_block_only_cross_attention=False)) == (
+        (True, True), (True, True), (False,))
+    assert flags(config(only_cross_attention=[True, False])) == (
+        (True, False), (False, True), (False,))
+    # The IF stage-II layout loads with no self keys / values where it attends to text only.
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        diffusers_unet.abstract_params(config(only_cross_attention=True)))]
+    assert any("add_k_proj" in p for p in paths) and not any("to_k" in p for p in paths)
 
 
 def test_input_size_and_added_conditioning_are_checked():

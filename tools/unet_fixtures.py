@@ -99,6 +99,20 @@ UNETS = {
         time_embedding_act_fn="gelu", class_embed_type="timestep", norm_num_groups=4,
         resnet_out_scale_factor=1.25,
     ),
+    # IF stage II as diffusers converts it (only_cross_attention: the added-KV attention
+    # attends to the text alone), here per block and for the mid block on its own.
+    "if2_cross": dict(
+        in_channels=6, out_channels=6, layers_per_block=(1, 2), block_out_channels=(16, 24),
+        down_block_types=("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        only_cross_attention=(True, False), mid_block_only_cross_attention=True,
+        cross_attention_dim=12, encoder_hid_dim=20, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=2, attention_head_dim=(4, 8),
+        act_fn="gelu", resnet_skip_time_act=True, resnet_time_scale_shift="scale_shift",
+        time_embedding_act_fn="gelu", class_embed_type="timestep", norm_num_groups=4,
+        resnet_out_scale_factor=1 / 0.7071, mid_block_scale_factor=1 / 0.7071,
+    ),
 }
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 24),
@@ -117,7 +131,11 @@ def unet_io(name, cfg, model, g):
     width = cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"]
     context = torch.randn((BATCH, TOKENS, width), generator=g)
     mask = torch.ones((BATCH, TOKENS))
-    mask[1, -2:] = 0  # padding keys the U-Net must not attend to
+    # Padding keys the U-Net must not attend to; diffusers' added-KV attention cannot take a
+    # mask with only_cross_attention (IF's pipelines never pass one): all ones, none given.
+    cross_only = cfg.get("only_cross_attention") or cfg.get("mid_block_only_cross_attention")
+    if not cross_only:
+        mask[1, -2:] = 0
     io = dict(sample=sample, timestep=timestep, encoder_hidden_states=context,
               encoder_attention_mask=mask)
     kwargs = {}
@@ -132,7 +150,8 @@ def unet_io(name, cfg, model, g):
         io["class_labels"] = torch.tensor([20.0, 250.0])
         kwargs["class_labels"] = io["class_labels"]
     with torch.no_grad():
-        out = model(sample, timestep, context, encoder_attention_mask=mask, **kwargs).sample
+        out = model(sample, timestep, context, encoder_attention_mask=None if cross_only
+                    else mask, **kwargs).sample
     return {k: v.numpy() for k, v in io.items()} | {"output": out.numpy()}
 
 
@@ -157,13 +176,20 @@ def write(model, io, directory):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tests/fixtures/diffusers/parity")
+    parser.add_argument("--only", nargs="*", help="write these families only (each from its "
+                        "own seed, so the others' files stay as committed)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     for i, (name, cfg) in enumerate(UNETS.items()):
+        if args.only is not None and name not in args.only:
+            continue
+        torch.manual_seed(i)
         model = UNet2DConditionModel(**cfg).eval()
         randomise(model, seed=10 + i)
         write(model, unet_io(name, cfg, model, torch.Generator().manual_seed(100 + i)),
               os.path.join(args.out, name))
+    if args.only is not None and "vae" not in args.only:
+        return
+    torch.manual_seed(len(UNETS))
     vae = AutoencoderKL(**VAE).eval()
     randomise(vae, seed=50)
     write(vae, vae_io(vae, torch.Generator().manual_seed(150)), os.path.join(args.out, "vae"))

@@ -145,9 +145,14 @@ class DiffusersUNetConfig:
             raise ValueError("UNet2DConditionModel config: down_block_types, up_block_types "
                              f"and block_out_channels need the same length, got "
                              f"{len(self.down_block_types)}, {len(self.up_block_types)}, {n}")
-        if any(_per_block(self.only_cross_attention, n, "only_cross_attention")):
-            raise ValueError("UNet2DConditionModel config only_cross_attention=True is not "
-                             "ported")
+        # (SD's mid block and its blocks without attention ignore the flag, as diffusers'.)
+        sd_cross = [t for types, kind in ((self.down_block_types, "down"),
+                                          (self.up_block_types, "up"))
+                    for t, only in zip(types, self.cross_only(kind))
+                    if only and t.startswith("CrossAttn")]
+        if sd_cross:
+            raise ValueError(f"UNet2DConditionModel config only_cross_attention=True is ported "
+                             f"for IF's added-KV attention only, not for {sorted(set(sd_cross))}")
         if self.norm_num_groups is None:
             raise ValueError("UNet2DConditionModel config norm_num_groups=None is not ported")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
@@ -223,6 +228,20 @@ class DiffusersUNetConfig:
             value = _per_block(self.transformer_layers_per_block, self.levels,
                                "transformer_layers_per_block")[block]
         return _per_block(value, n, "transformer_layers_per_block")
+
+    def cross_only(self, kind: str) -> tuple[bool, ...]:
+        """only_cross_attention per down / up block (up: reversed), or the mid block's
+        (mid_block_only_cross_attention, defaulting to a single boolean only_cross_attention),
+        as diffusers resolves them."""
+        if kind == "mid":
+            mid = self.mid_block_only_cross_attention
+            if mid is None:
+                mid = (self.only_cross_attention if isinstance(self.only_cross_attention, bool)
+                       else False)
+            return (bool(mid),)
+        values = tuple(bool(v) for v in _per_block(self.only_cross_attention, self.levels,
+                                                   "only_cross_attention"))
+        return values[::-1] if kind == "up" else values
 
     @property
     def mid_depth(self) -> int:
@@ -364,12 +383,13 @@ def _resample(x, how: str):
 class AddedKVAttention(nn.Module):
     """IF's attention (diffusers' Attention with AttnAddedKVProcessor): GroupNorm of the
     pixels; queries from them; keys / values of the (optionally normalised) text through
-    add_k_proj / add_v_proj, followed by the pixels' own; all projections with bias;
-    residual."""
+    add_k_proj / add_v_proj, followed by the pixels' own (none with `cross_only`, diffusers'
+    only_cross_attention: IF stage II's); all projections with bias; residual."""
 
     heads: int
     groups: int
     cross_norm: str | None
+    cross_only: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -383,9 +403,11 @@ class AddedKVAttention(nn.Module):
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, c // self.heads))  # noqa: E731
         proj = lambda name, t: split(Dense(c, names=("embed", "heads"), dtype=self.dtype,  # noqa: E731
                                            name=name)(t))
-        k = jnp.concatenate([proj("add_k_proj", context), proj("to_k", h)], axis=1)
-        v = jnp.concatenate([proj("add_v_proj", context), proj("to_v", h)], axis=1)
-        if key_mask is not None:  # the pixels' own keys are always attended
+        k, v = proj("add_k_proj", context), proj("add_v_proj", context)
+        if not self.cross_only:
+            k = jnp.concatenate([k, proj("to_k", h)], axis=1)
+            v = jnp.concatenate([v, proj("to_v", h)], axis=1)
+        if key_mask is not None and not self.cross_only:  # the pixels' own keys: always
             key_mask = jnp.concatenate(
                 [key_mask.astype(jnp.float32), jnp.ones((b, hh * ww), jnp.float32)], axis=1)
         o = attention(proj("to_q", h), k, v, key_mask=key_mask, bias_fn=bias_fn)
@@ -513,6 +535,7 @@ class Block(nn.Module):
         else:
             kind, n, features = cfg.up_block_types[i], cfg.layers[::-1][i] + 1, chans[::-1][i]
             heads, head_dim = cfg.heads[::-1][i], cfg.head_dims[i]  # diffusers: not reversed
+        cross_only = cfg.cross_only(self.kind)[0 if self.kind == "mid" else i]
         simple = kind in IF_BLOCKS or kind == "UNetMidBlock2DSimpleCrossAttn"
         cross = "CrossAttn" in kind
         if self.kind != "mid":
@@ -534,7 +557,8 @@ class Block(nn.Module):
             bias_fn = None if bias is None else bias(key_mask, h.shape[1], h.shape[2])
             if simple:
                 block = AddedKVAttention(features // head_dim, cfg.norm_num_groups,
-                                         cfg.cross_attention_norm, self.dtype, name=name)
+                                         cfg.cross_attention_norm, cross_only, self.dtype,
+                                         name=name)
             else:
                 block = Transformer2DModel(heads, depths[j], cfg.norm_num_groups,
                                            cfg.use_linear_projection, self.dtype, name=name)
