@@ -3,6 +3,8 @@
        [--resolution 128 --highres scalecrafter [--config.highres.disperse=True ...]]
        [--paint colors.png --paint-words words.json | --paint-mask "phrase=mask.png:1.0" ...]
 python -m sample --pretrained DIR --prompt ... [--negative-prompt ...]  (sample/pretrained.py)
+python -m sample --cascade if.json --prompt ...   (a cascade file of pretrained folders, e.g.
+       DeepFloyd IF stage I then stage II: sample/pretrained.py)
 python -m sample --cascade cascade.json [--stages base,sr32,sr64] --prompt ... 
        [--config.sr32.sampling.num_steps=12 --config.sr64.sampling.noise_aug_sigma=0.02 ...]
 
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ensemble", help="ensemble.json, a run's workdir or an export")
     source.add_argument("--cascade", help="a cascade file: a base stage, then SR stages")
-    source.add_argument("--pretrained", help="a local diffusers pipeline folder (SD 1.x / 2.x)")
+    source.add_argument("--pretrained", help="a local diffusers pipeline folder (SD 1.x / 2.x, "
+                        "SDXL, DeepFloyd IF)")
     p.add_argument("--stages", help="comma-separated stage names of --cascade (default: all)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--num", type=int, default=4, help="samples per prompt")
@@ -55,6 +58,9 @@ def main(argv=None) -> int:
                    help="samples per sampling call (default: all in one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
+    p.add_argument("--mesh", default="-1,1,1",
+                   help="data,fsdp,tensor device mesh (-1: the rest; write --mesh=-1,1,1); the "
+                   "batch is sharded over data x fsdp")
     p.add_argument("--resolution", type=int, help="output side (default: the last stage's own)")
     p.add_argument("--highres", choices=("none", "scalecrafter"),
                    help="how to sample past the training resolution (default: highres.method)")
@@ -70,7 +76,9 @@ def main(argv=None) -> int:
     pretrained.add_arguments(p)
     args = p.parse_args(rest)
     configure_cpu_host()
-    if args.pretrained:
+    from ediffi_jax.pipeline.pretrained import is_pretrained_cascade
+
+    if args.pretrained or (args.cascade and is_pretrained_cascade(args.cascade)):
         return pretrained.run(args, overrides)
 
     from PIL import Image
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
         batch = args.batch or len(prompts)
         batches = range(0, len(prompts), batch)
         paint = read_paint(args, resolution)
-        sampler = CascadeSampler(stages, make_mesh((-1, 1, 1)))
+        sampler = CascadeSampler(stages, make_mesh(parse_mesh(args.mesh)))
         # Every input checked before any sampling; the plans and paint masks built here are
         # the ones every batch uses.
         plans = [sampler.plan(k, resolution if stage is final else None,
@@ -162,6 +170,19 @@ def main(argv=None) -> int:
         return 1
     print(f"wrote {write_grids(dirs, images, args.num)}")
     return 0
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+    """--mesh data,fsdp,tensor as three ints (make_mesh checks them against the devices)."""
+    from ediffi_jax.config import ConfigError
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--mesh must be data,fsdp,tensor, got {text!r}") from None
+    if len(shape) != 3:
+        raise ConfigError(f"--mesh must be data,fsdp,tensor, got {text!r}")
+    return shape
 
 
 def file_stem(prompt: str, limit: int = 60) -> str:

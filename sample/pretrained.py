@@ -1,11 +1,19 @@
 """python -m sample --pretrained DIR --prompt ... [--negative-prompt ...] [--num 1] [--seed 0]
-       [--steps 25] [--sampler euler|heun|dpmpp_2m] [--guidance-scale 7.5]
-       [--schedule discrete|karras] [--resolution 512 | --size HxW] [--clip-skip K] [--dtype float32|bfloat16]
-       [--variant fp16]
+       [--batch N] [--mesh data,fsdp,tensor] [--steps 25] [--sampler euler|heun|dpmpp_2m]
+       [--guidance-scale 7.5] [--schedule discrete|karras] [--resolution 512 | --size HxW]
+       [--clip-skip K] [--dtype float32|bfloat16] [--variant fp16]
+python -m sample --cascade if.json --prompt ...    (pretrained folders in a chain)
 
-Samples a local diffusers Stable Diffusion 1.x / 2.x or SDXL pipeline folder (model_index.json
-with unet/, vae/, text_encoder*/, tokenizer*/, scheduler/) with this project's samplers. One PNG per
-sample and grid.png in --out.
+Samples a local diffusers Stable Diffusion 1.x / 2.x, SDXL or DeepFloyd IF pipeline folder
+(model_index.json with unet/, vae/ where latent, text_encoder*/, tokenizer*/, scheduler/) with
+this project's samplers; or a cascade file of such folders (pipeline/pretrained.py's
+read_pretrained_cascade: IF stage I, then stage II fed its images), whose stages may set
+steps / sampler / guidance_scale / schedule / noise_level over the command line's. The prompts
+are encoded once, by the first stage's text encoder. --size / --resolution set the last
+stage's output; earlier stages make their U-Net's own size. Prompts are sampled --batch at a
+time, sharded over the mesh's data x fsdp devices; one PNG per sample and grid.png in --out
+(a cascade: OUT/<stage folder name>/), written as each stage of each batch finishes. If
+sampling fails part-way, what finished stays written and the command exits 1.
 """
 from __future__ import annotations
 
@@ -32,19 +40,28 @@ def add_arguments(p) -> None:
     g.add_argument("--variant", help="weights variant files, e.g. fp16")
 
 
-UNSUPPORTED = ("paint", "paint_words", "style_image", "highres", "cascade", "stages")
+UNSUPPORTED = ("paint", "paint_words", "style_image", "highres", "stages")
+
+
+def stage_name(directory: str, k: int, names: list[str]) -> str:
+    name = os.path.basename(os.path.normpath(directory)) or f"stage{k}"
+    return f"{k}_{name}" if name in names else name
 
 
 def run(args, overrides) -> int:
+    import traceback
+
     from PIL import Image
 
     from ediffi_jax.config import ConfigError
     from ediffi_jax.encoders.hf import CheckpointError
     from ediffi_jax.encoders.prompt import PromptEncoder
-    from ediffi_jax.pipeline.generate import to_uint8
-    from ediffi_jax.pipeline.pretrained import load_pretrained
+    from ediffi_jax.parallel.mesh import make_mesh
+    from ediffi_jax.pipeline.generate import StepProgress, to_uint8
+    from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
+                                                load_pretrained, read_pretrained_cascade)
     from ediffi_jax.rng import check_seed
-    from sample.__main__ import file_stem, write_grids
+    from sample.__main__ import file_stem, parse_mesh, write_grids
 
     try:
         given = [f"--{k.replace('_', '-')}" for k in UNSUPPORTED if getattr(args, k, None)]
@@ -53,8 +70,11 @@ def run(args, overrides) -> int:
         if given or overrides:
             raise ConfigError(f"{', '.join(given + overrides)}: not available with --pretrained yet")
         check_seed(args.seed, "--seed")
-        if args.num < 1 or args.steps < 1:
-            raise ConfigError(f"--num and --steps must be >= 1, got {args.num} and {args.steps}")
+        if args.num < 1 or args.steps < 1 or args.batch < 0:
+            raise ConfigError(f"--num and --steps must be >= 1 and --batch >= 0, got {args.num}, "
+                              f"{args.steps} and {args.batch}")
+        stages = (read_pretrained_cascade(args.cascade) if args.cascade
+                  else (PretrainedStage(args.pretrained),))
         prompts = [q for q in args.prompt for _ in range(args.num)]
         negative = args.negative_prompt  # None: "" (or zeros where the pipeline forces them)
         if negative is not None:
@@ -64,28 +84,73 @@ def run(args, overrides) -> int:
                 raise ConfigError(f"{len(negative)} --negative-prompt for {len(args.prompt)} "
                                   "--prompt: give one for each, or one for all")
             negative = [n for n in negative for _ in range(args.num)]
-        pipe = load_pretrained(args.pretrained, dtype=args.dtype, variant=args.variant)
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae else 1
+        size = None
         if args.size:
             try:
-                h, w = (int(v) for v in args.size.lower().split("x"))
-            except ValueError:
+                size = tuple(int(v) for v in args.size.lower().split("x"))
+                assert len(size) == 2
+            except (ValueError, AssertionError):
                 raise ConfigError(f"--size must be HxW, got {args.size!r}") from None
-        else:
-            h = w = args.resolution or pipe.unet.config.sample_size * factor
-        plan = pipe.plan(args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
-                         schedule=args.schedule)
-        if h % factor or w % factor:
-            raise ConfigError(f"size {h}x{w} is not a multiple of the VAE's factor {factor}")
-        encoder = PromptEncoder(args.pretrained, args.dtype, clip_skip=args.clip_skip)
-        cond = encoder.encode(prompts, negative, size=(h, w))
+        elif args.resolution:
+            size = (args.resolution, args.resolution)
+        mesh = make_mesh(parse_mesh(args.mesh))
+        pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
+                 for s in stages]
+        cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
+        sizes, plans = [], []
+        for k, (stage, pipe) in enumerate(zip(stages, pipes)):
+            factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae else 1
+            native = (pipe.unet.config.sample_size * factor,) * 2
+            h, w = size if size and k == len(stages) - 1 else native
+            if h % factor or w % factor:
+                raise ConfigError(f"size {h}x{w} is not a multiple of the VAE's factor "
+                                  f"{factor} ({stage.pretrained})")
+            sizes.append((h, w))
+            plans.append(pipe.plan(stage.steps or args.steps, sampler=stage.sampler or args.sampler,
+                                   guidance_scale=(args.guidance_scale if stage.guidance_scale
+                                                   is None else stage.guidance_scale),
+                                   schedule=stage.schedule or args.schedule))
+        encoder = PromptEncoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
+        batch = args.batch or len(prompts)
+        batch += -batch % cascade.batch_multiple  # whole batches on every device
+        # Every input checked before any sampling: the first batch's prompts encode here.
+        first = encoder.encode(prompts[:batch], None if negative is None else negative[:batch],
+                               size=sizes[0])
+        cascade.check(first)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.pretrained}: {h}x{w}, plan:\n{plan.describe()}")
-    os.makedirs(args.out, exist_ok=True)
-    images = to_uint8(pipe.sample(plan, cond, seed=args.seed, size=(h, w)))
-    for i, (prompt, img) in enumerate(zip(prompts, images)):
-        Image.fromarray(np.asarray(img)).save(os.path.join(args.out, f"{i:04d}_{file_stem(prompt)}.png"))
-    print(f"wrote {write_grids([args.out], [[images]], args.num)}")
+    names: list[str] = []
+    for k, stage in enumerate(stages):
+        names.append(stage_name(stage.pretrained, k, names))
+    for stage, plan, (h, w) in zip(stages, plans, sizes):
+        print(f"{stage.pretrained}: {h}x{w}, plan:\n{plan.describe()}")
+    dirs = [args.out] if len(stages) == 1 else [os.path.join(args.out, n) for n in names]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    batches = range(0, len(prompts), batch)
+    progress = StepProgress(sum(p.num_steps for p in plans) * len(batches))
+    for pipe in pipes:
+        pipe.runner.progress = progress
+    images = [[] for _ in stages]  # per stage, its finished batches
+    try:
+        for start in batches:
+            chunk = prompts[start:start + batch]
+            cond = first if start == 0 else encoder.encode(
+                chunk, None if negative is None else negative[start:start + batch], size=sizes[0])
+            for k, out in enumerate(cascade.each_stage(plans, cond, sizes=sizes, seed=args.seed,
+                                                       first_index=start)):
+                out = np.asarray(to_uint8(out))
+                for i, (prompt, img) in enumerate(zip(chunk, out), start):
+                    Image.fromarray(img).save(os.path.join(dirs[k], f"{i:04d}_{file_stem(prompt)}.png"))
+                images[k].append(out)
+            print(f"wrote samples {start}-{start + len(chunk) - 1}", flush=True)
+    except (Exception, KeyboardInterrupt) as e:
+        progress.close()
+        traceback.print_exc()
+        print(f"error: sampling failed ({type(e).__name__}: {e}); kept what was finished: "
+              f"{write_grids(dirs, images, args.num)}", file=sys.stderr)
+        return 1
+    progress.close()
+    print(f"wrote {write_grids(dirs, images, args.num)}")
     return 0

@@ -121,3 +121,89 @@ def test_stage_two_matches_diffusers_super_resolution(cond):
         pipe.with_lowres(cond, nhwc(ref["lowres_input"])[:1])
     with pytest.raises(ValueError, match="not a super-resolution stage"):
         load_pretrained(FIXTURE).with_lowres(cond, nhwc(ref["lowres_input"]))
+
+
+def _cascade_file(tmp_path, **second):
+    import json
+
+    path = tmp_path / "if.json"
+    path.write_text(json.dumps({"stages": [
+        {"pretrained": os.path.relpath(FIXTURE, tmp_path), "steps": 2, "guidance_scale": 7.0},
+        {"pretrained": os.path.relpath(STAGE_TWO, tmp_path), "steps": 2, "guidance_scale": 4.0,
+         "noise_level": 100, **second}]}))
+    return str(path)
+
+
+def _pngs(directory):
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(directory.iterdir())
+            if p.name != "grid.png"}
+
+
+def test_cascade_file_chains_if_stage_one_into_stage_two(tmp_path, capsys):
+    """`python -m sample --cascade if.json`: stage I's PNGs equal a stage-I-only run's (stage 0
+    keys); stage II's are the library's chain (stage I's images clipped, upsampled and noised
+    at the file's noise_level from stage 1's keys, then sampled); a run in batches of one gives
+    the same PNGs (every stream per example), on any mesh."""
+    from ediffi_jax.pipeline.generate import to_uint8
+    from ediffi_jax.pipeline.pretrained import PretrainedCascade, read_pretrained_cascade
+    from ediffi_jax.rng import sampling_key
+    from sample.__main__ import main
+
+    path = _cascade_file(tmp_path)
+    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", NEGATIVE[0],
+            "--num", "1", "--sampler", "dpmpp_2m", "--seed", "4"]
+    assert main(["--cascade", path, "--out", str(tmp_path / "all")] + args) == 0, \
+        capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["tiny_if", "tiny_if2"]
+    one = _pngs(tmp_path / "all" / "tiny_if")
+    two = _pngs(tmp_path / "all" / "tiny_if2")
+    assert [a.shape for a in one.values()] == [(16, 16, 3)] * 2
+    assert [a.shape for a in two.values()] == [(32, 32, 3)] * 2
+    assert main(["--pretrained", FIXTURE, "--steps", "2", "--guidance-scale", "7",
+                 "--out", str(tmp_path / "alone")] + args) == 0
+    alone = _pngs(tmp_path / "alone")
+    assert all(np.array_equal(one[k], alone[k]) for k in one)
+    # Batches of one, and the batch kept whole on one device with the weights over 8.
+    for extra, name in ((["--batch", "1"], "batched"), (["--mesh=1,1,-1"], "tensor")):
+        assert main(["--cascade", path, "--out", str(tmp_path / name)] + args + extra) == 0
+        again = _pngs(tmp_path / name / "tiny_if2")
+        assert all(np.abs(again[k].astype(int) - two[k].astype(int)).max() <= 1 for k in two)
+
+    stages = read_pretrained_cascade(path)
+    pipes = [load_pretrained(s.pretrained) for s in stages]
+    cond = PromptEncoder(FIXTURE).encode(PROMPTS, NEGATIVE[:1] * 2)
+    plans = [p.plan(2, sampler="dpmpp_2m", guidance_scale=g) for p, g in zip(pipes, (7.0, 4.0))]
+    first = np.clip(np.asarray(pipes[0].sample(plans[0], cond, seed=4, size=(16, 16))), -1, 1)
+    key = sampling_key(4, 1)
+    want = pipes[1].sample(plans[1], pipes[1].with_lowres(cond, first, noise_level=100, seed=key,
+                                                          size=(32, 32)),
+                           seed=key, size=(32, 32))
+    got = list(PretrainedCascade(pipes, [250, 100]).each_stage(
+        plans, cond, sizes=[(16, 16), (32, 32)], seed=4))
+    np.testing.assert_allclose(got[1], np.clip(np.asarray(want), -1, 1), atol=1e-5)
+    pngs = np.stack(list(two.values())).astype(int)
+    assert np.abs(pngs - np.asarray(to_uint8(got[1])).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(order="reversed"), "is a super-resolution stage: it needs a stage before it"),
+    (dict(second={"sigma": 1}), "unknown keys ['sigma']"),
+    (dict(mesh="3,1,1"), "mesh shape"),
+])
+def test_cascade_file_bad_input_is_named_before_sampling(tmp_path, capsys, change, message):
+    import json
+
+    from sample.__main__ import main
+
+    path = _cascade_file(tmp_path, **change.get("second", {}))
+    if change.get("order"):
+        spec = json.loads(open(path).read())
+        spec["stages"].reverse()
+        open(path, "w").write(json.dumps(spec))
+    rc = main(["--cascade", path, "--prompt", "a red circle", "--out", str(tmp_path / "out"),
+               f"--mesh={change.get('mesh', '-1,1,1')}"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ from ediffi_jax.diffusion.plan import Plan, build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
 from ediffi_jax.encoders import hf
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
-from ediffi_jax.parallel.mesh import logical_shardings
+from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
 from ediffi_jax.rng import Stream, root, sampling_key
 
@@ -119,11 +119,12 @@ class PretrainedPipeline:
         return c // 2 if self.noising_schedule is not None else c
 
     def with_lowres(self, cond, images, *, noise_level: int = 250, seed: int | jax.Array = 0,
-                    size=None, noise=None):
+                    size=None, noise=None, first_index: int = 0):
         """cond with IF stage II's input: stage-I `images` [B, h, w, C] in [-1, 1] upsampled
         bilinearly to `size` (default the U-Net's sample_size; corners aligned, as
         IFSuperResolutionPipeline does) and noised to timestep `noise_level` of the
-        pipeline's image_noising_scheduler, with `noise` or noise drawn from `seed`."""
+        pipeline's image_noising_scheduler, with `noise` or noise drawn from `seed` (example i
+        of the batch is example first_index + i of the run)."""
         if self.noising_schedule is None:
             raise ValueError(f"{self.directory} has no image_noising_scheduler: not a "
                              "super-resolution stage")
@@ -138,7 +139,8 @@ class PretrainedPipeline:
         upscaled = resize_bilinear_aligned(images, size)
         if noise is None:  # each example's own augmentation stream, as sample() keys it
             key = sampling_key(seed) if isinstance(seed, int) else root(seed)
-            keys = example_keys(key, jnp.arange(images.shape[0], dtype=jnp.uint32))
+            keys = example_keys(key, jnp.arange(first_index, first_index + images.shape[0],
+                                                dtype=jnp.uint32))
             noise = jax.vmap(lambda k: jax.random.normal(
                 jax.random.fold_in(k, int(Stream.LOWRES_AUG)), upscaled.shape[1:]))(keys)
         t = jnp.full((images.shape[0],), noise_level, jnp.int32)
@@ -188,12 +190,135 @@ class PretrainedPipeline:
                              "input (cond = pipe.with_lowres(cond, images))")
         b = cond.batch_size
         key = sampling_key(seed) if isinstance(seed, int) else root(seed)
-        keys = example_keys(key, jnp.arange(first_index, first_index + b, dtype=jnp.uint32))
+        indices = jnp.arange(first_index, first_index + b, dtype=jnp.uint32)
+        if self.mesh is not None:  # the batch over data x fsdp, and with it every step's work
+            multiple = batch_multiple(self.mesh)
+            if b % multiple:
+                raise ValueError(f"a batch of {b} does not split over the mesh's data x fsdp "
+                                 f"= {multiple} devices (PretrainedCascade pads it)")
+            indices = jax.device_put(indices, batch_sharding(self.mesh))
+            cond = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim)),
+                                cond)
+        keys = example_keys(key, indices)
         # The first sample's scale as diffusers draws it for this sampler, so that a run
         # here starts where diffusers' would (sqrt(sigma_max^2 + 1) for leading spacing).
         sigma0 = self.schedule.init_noise_sigma(np.asarray(plan.sigmas), _solver(plan.segments[0].settings.sampler))
         x = initial_noise(keys, (h // scale, w // scale, self.latent_channels), sigma0)
         return self.decode(self.runner.run(plan, [self.unet_params], cond, keys, x))
+
+
+def batch_multiple(mesh) -> int:
+    """The batch sizes a mesh shards evenly: multiples of its data x fsdp devices."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedStage:
+    """One stage of a pretrained cascade file: its folder and the sampling settings it sets
+    (None: the command line's)."""
+
+    pretrained: str
+    steps: int | None = None
+    sampler: str | None = None
+    guidance_scale: float | None = None
+    schedule: str | None = None
+    noise_level: int = 250  # a super-resolution stage's low-res augmentation timestep
+
+
+def read_pretrained_cascade(path: str) -> tuple[PretrainedStage, ...]:
+    """The stages of a cascade file of pretrained folders (paths relative to the file), e.g.
+    DeepFloyd IF's two stages:
+
+        {"stages": [{"pretrained": "IF-I-XL-v1.0", "steps": 50, "guidance_scale": 7.0},
+                    {"pretrained": "IF-II-L-v1.0", "steps": 25, "guidance_scale": 4.0,
+                     "noise_level": 250}]}
+    """
+    spec = read_json_file(path, "the cascade file")
+    entries = spec.get("stages") if isinstance(spec, dict) else None
+    if not entries or not all(isinstance(e, dict) and "pretrained" in e for e in entries):
+        raise hf.CheckpointError(f'{path}: expected {{"stages": [{{"pretrained": DIR, ...}}, '
+                                 '...]}')
+    keys = [f.name for f in dataclasses.fields(PretrainedStage)]
+    base = os.path.dirname(os.path.abspath(path))
+    stages = []
+    for i, entry in enumerate(entries):
+        unknown = sorted(set(entry) - set(keys))
+        if unknown:
+            raise hf.CheckpointError(f"{path}: stage {i} has unknown keys {unknown} (allowed: "
+                                     f"{', '.join(keys)})")
+        stages.append(PretrainedStage(**{**entry, "pretrained": os.path.normpath(
+            os.path.join(base, entry["pretrained"]))}))
+    return tuple(stages)
+
+
+def is_pretrained_cascade(path: str) -> bool:
+    """Whether a cascade file lists pretrained folders (else: the project's ensembles)."""
+    try:
+        spec = read_json_file(path, "the cascade file")
+    except hf.CheckpointError:
+        return False
+    entries = spec.get("stages") if isinstance(spec, dict) else None
+    return bool(entries) and isinstance(entries[0], dict) and "pretrained" in entries[0]
+
+
+class PretrainedCascade:
+    """Pretrained pipelines in a chain: the first makes images from text (an SD pipeline, or
+    IF stage I), each later one is a super-resolution stage (IF stage II) fed the previous
+    stage's images clipped to [-1, 1]. One conditioning serves every stage (IF's stages all
+    read T5-XXL; each U-Net's token width is checked). Stage k draws from
+    rng.sampling_key(seed, k), so stage 0 equals its pipeline sampled alone. The batch is
+    padded (the last prompt repeated) to a multiple of the mesh's data x fsdp and sharded."""
+
+    def __init__(self, pipes, noise_levels=None):
+        self.pipes = list(pipes)
+        if not self.pipes:
+            raise ValueError("a cascade needs at least one pipeline")
+        self.noise_levels = list(noise_levels or [250] * len(self.pipes))
+        first, *rest = self.pipes
+        if first.noising_schedule is not None:
+            raise ValueError(f"{first.directory} is a super-resolution stage: it needs a stage "
+                             "before it")
+        for pipe in rest:
+            if pipe.noising_schedule is None:
+                raise ValueError(f"{pipe.directory} is not a super-resolution stage (no "
+                                 "image_noising_scheduler): only the first stage makes images "
+                                 "from text alone")
+        if len({id(p.mesh) for p in self.pipes}) > 1:
+            raise ValueError("the cascade's pipelines must be loaded on one mesh")
+        self.mesh = first.mesh
+
+    @property
+    def batch_multiple(self) -> int:
+        return batch_multiple(self.mesh)
+
+    def check(self, cond) -> None:
+        """Each U-Net reads the conditioning's token width."""
+        width = cond.context.shape[-1]
+        for pipe in self.pipes:
+            if pipe.unet.config.context_dim != width:
+                raise ValueError(f"{pipe.directory}: its U-Net reads "
+                                 f"{pipe.unet.config.context_dim}-wide text tokens, the prompts "
+                                 f"were encoded {width} wide")
+
+    def each_stage(self, plans, cond, *, sizes, seed: int = 0, first_index: int = 0):
+        """Yields each stage's images [N, H, W, 3] in [-1, 1] (numpy) as it finishes, for a
+        plan and a size (H, W) per stage; examples are first_index.. of run `seed`."""
+        self.check(cond)
+        n = cond.batch_size
+        pad = -n % self.batch_multiple
+        if pad:
+            cond = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]),
+                                cond)
+        images = None
+        for k, (pipe, plan, size) in enumerate(zip(self.pipes, plans, sizes)):
+            key = sampling_key(seed, k)
+            staged = cond
+            if k:
+                staged = pipe.with_lowres(cond, images, noise_level=self.noise_levels[k],
+                                          seed=key, size=size, first_index=first_index)
+            images = jnp.clip(pipe.sample(plan, staged, seed=key, size=size,
+                                          first_index=first_index), -1.0, 1.0)
+            yield np.asarray(images)[:n]
 
 
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
