@@ -210,8 +210,9 @@ def write_grids(dirs, images, columns: int) -> str:
     return "; ".join(said)
 
 
-def read_paint(args, resolution: int):
+def read_paint(args, height: int, width: int | None = None):
     """The paint-with-words inputs of the command line, at the output size (or None)."""
+    width = height if width is None else width
     from ediffi_jax.paint.bias import PaintSettings
     from ediffi_jax.paint.masks import PaintError, from_color_map, from_mask_specs, read_words
     from ediffi_jax.pipeline.generate import Paint
@@ -222,8 +223,8 @@ def read_paint(args, resolution: int):
         raise PaintError(f"--paint-scale must be a finite number, got {args.paint_scale}")
     masks = []
     if args.paint:
-        masks += from_color_map(args.paint, read_words(args.paint_words), resolution, resolution)
-    masks += from_mask_specs(args.paint_mask, resolution, resolution)
+        masks += from_color_map(args.paint, read_words(args.paint_words), height, width)
+    masks += from_mask_specs(args.paint_mask, height, width)
     if not masks:
         return None
     layers = tuple(n.strip() for n in args.paint_layers.split(",") if n.strip())

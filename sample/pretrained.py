@@ -40,12 +40,21 @@ def add_arguments(p) -> None:
     g.add_argument("--variant", help="weights variant files, e.g. fp16")
 
 
-UNSUPPORTED = ("paint", "paint_words", "style_image", "highres", "stages")
+UNSUPPORTED = ("paint_layers", "style_image", "highres", "stages")
 
 
 def stage_name(directory: str, k: int, names: list[str]) -> str:
     name = os.path.basename(os.path.normpath(directory)) or f"stage{k}"
     return f"{k}_{name}" if name in names else name
+
+
+def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size):
+    """The conditioning of prompts[start:start + batch] (with their paint masks)."""
+    import jax.numpy as jnp
+
+    part = slice(start, start + batch)
+    cond = encoder.encode(prompts[part], None if negative is None else negative[part], size=size)
+    return cond if paint_masks is None else cond.replace(paint=jnp.asarray(paint_masks[part]))
 
 
 def run(args, overrides) -> int:
@@ -61,12 +70,10 @@ def run(args, overrides) -> int:
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
                                                 load_pretrained, read_pretrained_cascade)
     from ediffi_jax.rng import check_seed
-    from sample.__main__ import file_stem, parse_mesh, write_grids
+    from sample.__main__ import file_stem, parse_mesh, read_paint, write_grids
 
     try:
         given = [f"--{k.replace('_', '-')}" for k in UNSUPPORTED if getattr(args, k, None)]
-        if args.paint_mask:
-            given.append("--paint-mask")
         if given or overrides:
             raise ConfigError(f"{', '.join(given + overrides)}: not available with --pretrained yet")
         check_seed(args.seed, "--seed")
@@ -97,25 +104,33 @@ def run(args, overrides) -> int:
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
         cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
-        sizes, plans = [], []
-        for k, (stage, pipe) in enumerate(zip(stages, pipes)):
+        sizes = []
+        for stage, pipe in zip(stages, pipes):
             factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae else 1
-            native = (pipe.unet.config.sample_size * factor,) * 2
-            h, w = size if size and k == len(stages) - 1 else native
+            h, w = (size if size and len(sizes) == len(stages) - 1
+                    else (pipe.unet.config.sample_size * factor,) * 2)
             if h % factor or w % factor:
                 raise ConfigError(f"size {h}x{w} is not a multiple of the VAE's factor "
                                   f"{factor} ({stage.pretrained})")
             sizes.append((h, w))
-            plans.append(pipe.plan(stage.steps or args.steps, sampler=stage.sampler or args.sampler,
-                                   guidance_scale=(args.guidance_scale if stage.guidance_scale
-                                                   is None else stage.guidance_scale),
-                                   schedule=stage.schedule or args.schedule))
         encoder = PromptEncoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
+        # Paint-with-words: masks at the last stage's size, biasing every stage's
+        # cross-attention; every prompt's phrases checked here.
+        paint = read_paint(args, *sizes[-1])
+        paint_masks = None
+        if paint is not None:
+            paint_masks = np.repeat(encoder.paint_masks(args.prompt, paint.masks, paint.scale),
+                                    args.num, axis=0)
+        plans = [pipe.plan(stage.steps or args.steps, sampler=stage.sampler or args.sampler,
+                           guidance_scale=(args.guidance_scale if stage.guidance_scale is None
+                                           else stage.guidance_scale),
+                           schedule=stage.schedule or args.schedule,
+                           paint=paint.settings if paint is not None else None)
+                 for stage, pipe in zip(stages, pipes)]
         batch = args.batch or len(prompts)
         batch += -batch % cascade.batch_multiple  # whole batches on every device
         # Every input checked before any sampling: the first batch's prompts encode here.
-        first = encoder.encode(prompts[:batch], None if negative is None else negative[:batch],
-                               size=sizes[0])
+        first = encode(encoder, prompts, negative, paint_masks, 0, batch, sizes[0])
         cascade.check(first)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -136,8 +151,8 @@ def run(args, overrides) -> int:
     try:
         for start in batches:
             chunk = prompts[start:start + batch]
-            cond = first if start == 0 else encoder.encode(
-                chunk, None if negative is None else negative[start:start + batch], size=sizes[0])
+            cond = first if start == 0 else encode(encoder, prompts, negative, paint_masks,
+                                                   start, batch, sizes[0])
             for k, out in enumerate(cascade.each_stage(plans, cond, sizes=sizes, seed=args.seed,
                                                        first_index=start)):
                 out = np.asarray(to_uint8(out))

@@ -165,8 +165,9 @@ def test_cascade_file_chains_if_stage_one_into_stage_two(tmp_path, capsys):
                  "--out", str(tmp_path / "alone")] + args) == 0
     alone = _pngs(tmp_path / "alone")
     assert all(np.array_equal(one[k], alone[k]) for k in one)
-    # Batches of one, and the batch kept whole on one device with the weights over 8.
-    for extra, name in ((["--batch", "1"], "batched"), (["--mesh=1,1,-1"], "tensor")):
+    # Batches of one (a mesh without data parallelism: no padding), and the batch sharded
+    # over 8 data devices (the default mesh) against kept whole with the weights over 8.
+    for extra, name in ((["--batch", "1", "--mesh=1,1,-1"], "batched"), (["--mesh=1,1,-1"], "tensor")):
         assert main(["--cascade", path, "--out", str(tmp_path / name)] + args + extra) == 0
         again = _pngs(tmp_path / name / "tiny_if2")
         assert all(np.abs(again[k].astype(int) - two[k].astype(int)).max() <= 1 for k in two)

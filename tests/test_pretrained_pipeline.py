@@ -173,7 +173,8 @@ def test_command_line_samples_a_pipeline_folder(tmp_path, capsys):
     (["--size", "15x24"], "multiple of the VAE's factor 2"),
     (["--negative-prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"],
      "3 --negative-prompt for 1 --prompt"),
-    (["--paint-mask", "red=m.png"], "--paint-mask: not available with --pretrained"),
+    (["--paint-layers", "mid"], "--paint-layers: not available with --pretrained"),
+    (["--paint-mask", "a square=missing.png"], "missing.png"),
     (["--config.sampling.num_steps=3"], "not available with --pretrained"),
 ])
 def test_command_line_bad_input(tmp_path, capsys, extra, message):
@@ -184,3 +185,40 @@ def test_command_line_bad_input(tmp_path, capsys, extra, message):
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_paints_a_pipeline_folder(tmp_path, capsys):
+    """--paint-mask with --pretrained: the PNGs are the library's painted samples (masks at
+    the output size on the phrase's CLIP tokens, the bias in every cross-attention) and
+    differ from the unpainted ones; a phrase missing from the prompt is named before any
+    sampling."""
+    from PIL import Image
+
+    from ediffi_jax.encoders.prompt import PromptEncoder
+    from ediffi_jax.paint.bias import PaintSettings
+    from ediffi_jax.paint.masks import PhraseMask
+    from ediffi_jax.pipeline.generate import to_uint8
+    from sample.__main__ import main
+
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, :12] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    args = ["--pretrained", FIXTURE, "--prompt", "a red circle", "--num", "1", "--steps", "2",
+            "--size", "16x24", "--paint-weight", "max", "--paint-scale", "4"]
+    rc = main(args + ["--paint-mask", f"circle={tmp_path / 'left.png'}",
+                      "--out", str(tmp_path / "painted")])
+    assert rc == 0, capsys.readouterr().err
+    got = np.asarray(Image.open(tmp_path / "painted" / "0000_a_red_circle.png")).astype(int)
+    pipe, encoder = load_pretrained(FIXTURE), PromptEncoder(FIXTURE)
+    masks = encoder.paint_masks(["a red circle"], [PhraseMask("circle", mask / 255.0)], 4.0)
+    cond = encoder.encode(["a red circle"]).replace(paint=jnp.asarray(masks))
+    plan = pipe.plan(2, paint=PaintSettings("max"))
+    want = np.asarray(to_uint8(pipe.sample(plan, cond, size=(16, 24))))[0].astype(int)
+    assert np.abs(got - want).max() <= 1
+    assert main(args[:-4] + ["--out", str(tmp_path / "plain")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / "0000_a_red_circle.png")).astype(int)
+    assert np.abs(plain - got).max() > 2
+    rc = main(args + ["--paint-mask", f"square={tmp_path / 'left.png'}",
+                      "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "phrase 'square' is not in the prompt" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -32,9 +32,11 @@ from ediffi_jax.encoders import hf
 from ediffi_jax.encoders.conditioner import load_clip_text, load_t5
 from ediffi_jax.encoders.tokenizers import load_tokenizer, tokenize
 from ediffi_jax.models.conditioning import PromptConditioning
+from ediffi_jax.paint.masks import PaintError, PhraseMask, TokenStream, token_masks
 
 TOWERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' refiner defaults
+IF_TOKENS = 77  # IF's pipeline pads T5's input to 77 tokens
 
 
 def _model_index(pipeline_dir: str) -> dict:
@@ -105,12 +107,9 @@ class PromptEncoder:
 
     def _tower_hidden(self, i, prompts, what, clip_skip):
         tokenizer, tower = self.towers[i]
-        if self.t5:  # IF: 77 tokens, lower-cased, attended with T5's padding mask
-            prompts, max_length = [p.lower().strip() for p in prompts], 77
-        else:
-            max_length = min(int(tokenizer.model_max_length),
-                             tower.config.max_position_embeddings)
-        ids, mask = tokenize(tokenizer, prompts, max_length, what)
+        # IF: lower-cased, attended with T5's padding mask
+        prompts = [self._as_read(p) for p in prompts]
+        ids, mask = tokenize(tokenizer, prompts, self.context_length(i), what)
         hidden, _, projected = self._apply[i](tower.params, jnp.asarray(ids), jnp.asarray(mask),
                                               *self._layer(clip_skip))
         return hidden, projected
@@ -157,6 +156,44 @@ class PromptEncoder:
                                   pooled=pooled, negative_pooled=negative_pooled, time_ids=ids,
                                   negative_time_ids=self.time_ids(size, len(prompts), True)
                                   if self.aesthetics else None)
+
+    def context_length(self, tower: int = 0) -> int:
+        """Tokens per prompt as the U-Net reads them (padded and truncated to this)."""
+        if self.t5:
+            return IF_TOKENS
+        tokenizer, encoder = self.towers[tower]
+        return min(int(tokenizer.model_max_length), encoder.config.max_position_embeddings)
+
+    def _as_read(self, text: str) -> str:
+        return text.lower().strip() if self.t5 else text  # as IF's pipeline reads it
+
+    def token_streams(self, prompt: str) -> list[TokenStream]:
+        """The prompt's tokens at their context columns (paint-with-words maps phrases onto
+        them): the first tower's; SDXL's two towers tokenize alike and share the positions
+        (their states are concatenated on the feature axis)."""
+        tokenizer = self.towers[0][0]
+        ids, mask = tokenize(tokenizer, [self._as_read(prompt)], self.context_length(),
+                             "prompt")
+        ids = tuple(int(i) for i in ids[0, : int(mask[0].sum())])
+        name = "t5" if self.t5 else "clip"
+        return [TokenStream(name, 0, tuple(tokenizer.convert_ids_to_tokens(list(ids))), ids)]
+
+    def phrase_tokens(self, stream: str, phrase: str) -> TokenStream:
+        tokenizer = self.towers[0][0]
+        ids = tuple(tokenizer(self._as_read(phrase), add_special_tokens=False)["input_ids"])
+        return TokenStream(stream, 0, tuple(tokenizer.convert_ids_to_tokens(list(ids))), ids)
+
+    def paint_masks(self, prompts: Sequence[str], masks, scale: float = 1.0) -> np.ndarray:
+        """PromptConditioning.paint [B, H, W, L] (L: context_length()): each phrase's mask x strength x `scale` in
+        the columns of its tokens (every occurrence); `masks` PhraseMasks shared by every
+        prompt, or one sequence per prompt. A phrase missing from a prompt is a PaintError
+        naming both token lists."""
+        per_prompt = bool(masks) and not isinstance(masks[0], PhraseMask)
+        if per_prompt and len(masks) != len(prompts):
+            raise PaintError(f"{len(masks)} mask sets for {len(prompts)} prompts")
+        return np.stack([token_masks(masks[i] if per_prompt else masks, self.token_streams(p),
+                                     self.phrase_tokens, self.context_length(), p, scale)
+                         for i, p in enumerate(prompts)])
 
     def token_ids(self, prompt: str, tower: int = 0) -> np.ndarray:
         return np.asarray(self.towers[tower][0](prompt)["input_ids"], np.int32)

@@ -407,6 +407,10 @@ class AddedKVAttention(nn.Module):
         if not self.cross_only:
             k = jnp.concatenate([k, proj("to_k", h)], axis=1)
             v = jnp.concatenate([v, proj("to_v", h)], axis=1)
+        if bias_fn is not None and not self.cross_only:  # paint biases the text keys only
+            text, text_bias = context.shape[1], bias_fn
+            bias_fn = lambda logits: jnp.pad(  # noqa: E731
+                text_bias(logits[..., :text]), [(0, 0)] * 3 + [(0, logits.shape[-1] - text)])
         if key_mask is not None and not self.cross_only:  # the pixels' own keys: always
             key_mask = jnp.concatenate(
                 [key_mask.astype(jnp.float32), jnp.ones((b, hh * ww), jnp.float32)], axis=1)
