@@ -5,6 +5,7 @@ thresholding of the guided x0 and without it."""
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,50 +143,44 @@ def _pngs(directory):
 
 
 def test_cascade_file_chains_if_stage_one_into_stage_two(tmp_path, capsys):
-    """`python -m sample --cascade if.json`: stage I's PNGs equal a stage-I-only run's (stage 0
-    keys); stage II's are the library's chain (stage I's images clipped, upsampled and noised
-    at the file's noise_level from stage 1's keys, then sampled); a run in batches of one gives
-    the same PNGs (every stream per example), on any mesh."""
+    """`python -m sample --cascade if.json`: stage I's PNGs are its pipeline sampled alone
+    (stage 0 keys); stage II's are the chain (stage I's images clipped, upsampled and noised
+    at the file's noise_level from stage 1's keys, then sampled), the batch sharded over the
+    default 8-device data mesh; the augmentation stream is per example, so batches agree."""
     from ediffi_jax.pipeline.generate import to_uint8
     from ediffi_jax.pipeline.pretrained import PretrainedCascade, read_pretrained_cascade
     from ediffi_jax.rng import sampling_key
     from sample.__main__ import main
 
     path = _cascade_file(tmp_path)
-    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", NEGATIVE[0],
-            "--num", "1", "--sampler", "dpmpp_2m", "--seed", "4"]
-    assert main(["--cascade", path, "--out", str(tmp_path / "all")] + args) == 0, \
-        capsys.readouterr().err
+    args = ["--cascade", path, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+            "--negative-prompt", NEGATIVE[0], "--num", "1", "--sampler", "dpmpp_2m", "--seed", "4"]
+    assert main(args + ["--out", str(tmp_path / "all")]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["tiny_if", "tiny_if2"]
-    one = _pngs(tmp_path / "all" / "tiny_if")
-    two = _pngs(tmp_path / "all" / "tiny_if2")
-    assert [a.shape for a in one.values()] == [(16, 16, 3)] * 2
-    assert [a.shape for a in two.values()] == [(32, 32, 3)] * 2
-    assert main(["--pretrained", FIXTURE, "--steps", "2", "--guidance-scale", "7",
-                 "--out", str(tmp_path / "alone")] + args) == 0
-    alone = _pngs(tmp_path / "alone")
-    assert all(np.array_equal(one[k], alone[k]) for k in one)
-    # Batches of one (a mesh without data parallelism: no padding), and the batch sharded
-    # over 8 data devices (the default mesh) against kept whole with the weights over 8.
-    for extra, name in ((["--batch", "1", "--mesh=1,1,-1"], "batched"), (["--mesh=1,1,-1"], "tensor")):
-        assert main(["--cascade", path, "--out", str(tmp_path / name)] + args + extra) == 0
-        again = _pngs(tmp_path / name / "tiny_if2")
-        assert all(np.abs(again[k].astype(int) - two[k].astype(int)).max() <= 1 for k in two)
+    one = np.stack(list(_pngs(tmp_path / "all" / "tiny_if").values())).astype(int)
+    two = np.stack(list(_pngs(tmp_path / "all" / "tiny_if2").values())).astype(int)
+    assert one.shape == (2, 16, 16, 3) and two.shape == (2, 32, 32, 3)
 
     stages = read_pretrained_cascade(path)
     pipes = [load_pretrained(s.pretrained) for s in stages]
     cond = PromptEncoder(FIXTURE).encode(PROMPTS, NEGATIVE[:1] * 2)
     plans = [p.plan(2, sampler="dpmpp_2m", guidance_scale=g) for p, g in zip(pipes, (7.0, 4.0))]
     first = np.clip(np.asarray(pipes[0].sample(plans[0], cond, seed=4, size=(16, 16))), -1, 1)
+    assert np.abs(one - np.asarray(to_uint8(first)).astype(int)).max() <= 1
     key = sampling_key(4, 1)
     want = pipes[1].sample(plans[1], pipes[1].with_lowres(cond, first, noise_level=100, seed=key,
                                                           size=(32, 32)),
                            seed=key, size=(32, 32))
     got = list(PretrainedCascade(pipes, [250, 100]).each_stage(
         plans, cond, sizes=[(16, 16), (32, 32)], seed=4))
+    np.testing.assert_allclose(got[0], first, atol=1e-6)
+    # The low-res augmentation is drawn per example: batch [1:] from first_index 1 is row 1.
+    whole = pipes[1].with_lowres(cond, first, seed=key)
+    part = pipes[1].with_lowres(jax.tree.map(lambda a: a[1:], cond), first[1:], seed=key,
+                                first_index=1)
+    np.testing.assert_allclose(np.asarray(part.lowres), np.asarray(whole.lowres)[1:], atol=1e-6)
     np.testing.assert_allclose(got[1], np.clip(np.asarray(want), -1, 1), atol=1e-5)
-    pngs = np.stack(list(two.values())).astype(int)
-    assert np.abs(pngs - np.asarray(to_uint8(got[1])).astype(int)).max() <= 1
+    assert np.abs(two - np.asarray(to_uint8(got[1])).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("change, message", [

@@ -63,7 +63,7 @@ def test_bias_is_zero_unpainted_and_moves_the_conditional_branch_only():
     masks = [PhraseMask("circle", _left_half(16, 16))]
     plain = _denoised(pipe, cond, None)
     zero = cond.replace(paint=jnp.asarray(encoder.paint_masks(["a red circle"], masks, 0.0)))
-    np.testing.assert_allclose(_denoised(pipe, zero, PaintSettings()), plain, atol=1e-6)
+    np.testing.assert_allclose(_denoised(pipe, zero, PaintSettings("max")), plain, atol=1e-6)
     painted = cond.replace(paint=jnp.asarray(encoder.paint_masks(["a red circle"], masks, 4.0)))
     moved = _denoised(pipe, painted, PaintSettings("max"))
     assert np.abs(moved - plain).max() > 1e-3
@@ -91,6 +91,6 @@ def test_if_added_kv_attention_paints_its_text_keys():
     plain = run(cond, None)
     masks = [PhraseMask("circle", _left_half(16, 16))]
     zero = cond.replace(paint=jnp.asarray(encoder.paint_masks(["a red circle"], masks, 0.0)))
-    np.testing.assert_allclose(run(zero, PaintSettings()), plain, atol=1e-6)
+    np.testing.assert_allclose(run(zero, PaintSettings("max")), plain, atol=1e-6)
     painted = cond.replace(paint=jnp.asarray(encoder.paint_masks(["a red circle"], masks, 8.0)))
     assert np.abs(run(painted, PaintSettings("max")) - plain).max() > 1e-4
