@@ -145,30 +145,49 @@ def main(argv=None) -> int:
     dirs = [args.out if len(stages) == 1 else os.path.join(args.out, s.name) for s in stages]
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-    images = [[] for _ in stages]  # per stage, its finished batches
-    try:
+
+    def saved_with_masks(k, img, stem):
+        if paint is not None and stages[k].paint:
+            Image.fromarray(mask_overlay(img, paint.masks_at(img.shape[0]))).save(
+                stem + "_masks.png")
+
+    def each_batch():
         for start in batches:
             chunk = prompts[start:start + batch]
-            outputs = sampler.each_stage(
+            yield start, chunk, sampler.each_stage(
                 chunk, seed=args.seed, first_index=start, paint=paint,
                 style_images=[style] * len(chunk) if style is not None else None,
                 resolution=resolution)
-            for k, (d, out) in enumerate(zip(dirs, outputs)):  # each stage saved as it ends
+
+    return write_batches(each_batch(), dirs, args.num, progress, saved_with_masks)
+
+
+def write_batches(batches, dirs, columns: int, progress, also=None) -> int:
+    """Saves the PNGs of each stage of each batch as it finishes (`batches` yields (first
+    index, prompts, each stage's uint8 images)); `also(stage, image, path stem)` writes more
+    per image. Ends with grid.png per stage; if sampling fails part-way, with the grids of
+    what finished, exit status 1."""
+    from PIL import Image
+
+    images = [[] for _ in dirs]  # per stage, its finished batches
+    try:
+        for start, chunk, outputs in batches:
+            for k, out in enumerate(outputs):  # each stage saved as it ends
                 for i, (prompt, img) in enumerate(zip(chunk, out), start):
-                    name = f"{i:04d}_{file_stem(prompt)}"
-                    Image.fromarray(img).save(os.path.join(d, name + ".png"))
-                    if paint is not None and stages[k].paint:
-                        Image.fromarray(mask_overlay(img, paint.masks_at(img.shape[0]))).save(
-                            os.path.join(d, name + "_masks.png"))
+                    stem = os.path.join(dirs[k], f"{i:04d}_{file_stem(prompt)}")
+                    Image.fromarray(img).save(stem + ".png")
+                    if also is not None:
+                        also(k, img, stem)
                 images[k].append(out)
             print(f"wrote samples {start}-{start + len(chunk) - 1}", flush=True)
     except (Exception, KeyboardInterrupt) as e:
         progress.close()
         traceback.print_exc()
         print(f"error: sampling failed ({type(e).__name__}: {e}); kept what was finished: "
-              f"{write_grids(dirs, images, args.num)}", file=sys.stderr)
+              f"{write_grids(dirs, images, columns)}", file=sys.stderr)
         return 1
-    print(f"wrote {write_grids(dirs, images, args.num)}")
+    progress.close()
+    print(f"wrote {write_grids(dirs, images, columns)}")
     return 0
 
 

@@ -58,10 +58,6 @@ def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size
 
 
 def run(args, overrides) -> int:
-    import traceback
-
-    from PIL import Image
-
     from ediffi_jax.config import ConfigError
     from ediffi_jax.encoders.hf import CheckpointError
     from ediffi_jax.encoders.prompt import PromptEncoder
@@ -70,7 +66,7 @@ def run(args, overrides) -> int:
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
                                                 load_pretrained, read_pretrained_cascade)
     from ediffi_jax.rng import check_seed
-    from sample.__main__ import file_stem, parse_mesh, read_paint, write_grids
+    from sample.__main__ import parse_mesh, read_paint, write_batches
 
     try:
         given = [f"--{k.replace('_', '-')}" for k in UNSUPPORTED if getattr(args, k, None)]
@@ -147,25 +143,13 @@ def run(args, overrides) -> int:
     progress = StepProgress(sum(p.num_steps for p in plans) * len(batches))
     for pipe in pipes:
         pipe.runner.progress = progress
-    images = [[] for _ in stages]  # per stage, its finished batches
-    try:
+
+    def each_batch():
         for start in batches:
-            chunk = prompts[start:start + batch]
             cond = first if start == 0 else encode(encoder, prompts, negative, paint_masks,
                                                    start, batch, sizes[0])
-            for k, out in enumerate(cascade.each_stage(plans, cond, sizes=sizes, seed=args.seed,
-                                                       first_index=start)):
-                out = np.asarray(to_uint8(out))
-                for i, (prompt, img) in enumerate(zip(chunk, out), start):
-                    Image.fromarray(img).save(os.path.join(dirs[k], f"{i:04d}_{file_stem(prompt)}.png"))
-                images[k].append(out)
-            print(f"wrote samples {start}-{start + len(chunk) - 1}", flush=True)
-    except (Exception, KeyboardInterrupt) as e:
-        progress.close()
-        traceback.print_exc()
-        print(f"error: sampling failed ({type(e).__name__}: {e}); kept what was finished: "
-              f"{write_grids(dirs, images, args.num)}", file=sys.stderr)
-        return 1
-    progress.close()
-    print(f"wrote {write_grids(dirs, images, args.num)}")
-    return 0
+            yield start, prompts[start:start + batch], (
+                np.asarray(to_uint8(out)) for out in cascade.each_stage(
+                    plans, cond, sizes=sizes, seed=args.seed, first_index=start))
+
+    return write_batches(each_batch(), dirs, args.num, progress)
