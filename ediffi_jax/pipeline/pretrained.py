@@ -7,6 +7,9 @@ project's PlanRunner, plans, CFG and sharding on top.
     plan = pipe.plan(num_steps=25, sampler="euler", guidance_scale=7.5)
     images = pipe.sample(plan, cond, seed=0, size=(512, 512))    # cond: a PromptConditioning
 
+PretrainedCascade chains a pipeline with super-resolution stages (DeepFloyd IF stage I, then
+stage II); read_pretrained_cascade reads a cascade file of such folders.
+
 Weights are read with encoders/hf.py's rules (every tensor checked for presence and shape,
 none left over; fp16 / bf16 variant files; each tensor placed straight onto its sharding).
 """
