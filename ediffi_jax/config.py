@@ -83,6 +83,24 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return overrides, [a for a in argv if not a.startswith("--config.")]
 
 
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
+    """An HxW command-line size as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{option} must be HxW, got {text!r}") from None
+    return h, w
+
+
+def parse_mesh(text: str, option: str = "--mesh") -> tuple[int, ...]:
+    """A data,fsdp,tensor command-line mesh shape (parallel/mesh.py's make_mesh checks it
+    against the devices)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} must be data,fsdp,tensor, got {text!r}") from None
+
+
 def parse_value(text: str) -> Any:
     """Python literals (numbers, tuples, lists, True/None); anything else is a string."""
     try:

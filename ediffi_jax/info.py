@@ -21,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from ediffi_jax.config import ConfigError, load_config, split_overrides
+from ediffi_jax.config import ConfigError, load_config, parse_mesh, parse_size, split_overrides
 from ediffi_jax.encoders.hf import CheckpointError
 from ediffi_jax.models.unet import UNet, UNetConfig, abstract_params
 from ediffi_jax.pipeline.pretrained_plan import plan_pretrained
@@ -41,20 +41,10 @@ def forward_flops(model: UNetConfig, batch: int = 1, resolution: int | None = No
 
 def _pretrained(args) -> int:
     try:
-        size = None
-        if args.size:
-            try:
-                size = tuple(int(v) for v in args.size.lower().split("x"))
-                assert len(size) == 2
-            except (ValueError, AssertionError):
-                raise ConfigError(f"--size must be HxW, got {args.size!r}") from None
-        try:
-            mesh = tuple(int(v) for v in args.mesh.split(","))
-        except ValueError:
-            raise ConfigError(f"--mesh must be data,fsdp,tensor, got {args.mesh!r}") from None
         plan = plan_pretrained(
-            args.pretrained, size=size, batch=args.batch, steps=args.steps, cfg=not args.no_cfg,
-            devices=args.devices, mesh_shape=mesh, dtype=args.dtype,
+            args.pretrained, size=parse_size(args.size) if args.size else None,
+            batch=args.batch, steps=args.steps, cfg=not args.no_cfg,
+            devices=args.devices, mesh_shape=parse_mesh(args.mesh), dtype=args.dtype,
             device_memory_gib=args.device_memory_gib, finetune_batch=args.finetune_batch,
             finetune=not args.no_finetune)
     except (ConfigError, CheckpointError, ValueError) as e:

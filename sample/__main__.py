@@ -36,7 +36,7 @@ import traceback
 
 import numpy as np
 
-from ediffi_jax.config import split_overrides
+from ediffi_jax.config import parse_mesh, split_overrides
 from ediffi_jax.parallel.host import configure_cpu_host
 from sample import pretrained
 
@@ -189,19 +189,6 @@ def write_batches(batches, dirs, columns: int, progress, also=None) -> int:
     progress.close()
     print(f"wrote {write_grids(dirs, images, columns)}")
     return 0
-
-
-def parse_mesh(text: str) -> tuple[int, ...]:
-    """--mesh data,fsdp,tensor as three ints (make_mesh checks them against the devices)."""
-    from ediffi_jax.config import ConfigError
-
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--mesh must be data,fsdp,tensor, got {text!r}") from None
-    if len(shape) != 3:
-        raise ConfigError(f"--mesh must be data,fsdp,tensor, got {text!r}")
-    return shape
 
 
 def file_stem(prompt: str, limit: int = 60) -> str:

@@ -58,7 +58,7 @@ def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size
 
 
 def run(args, overrides) -> int:
-    from ediffi_jax.config import ConfigError
+    from ediffi_jax.config import ConfigError, parse_mesh, parse_size
     from ediffi_jax.encoders.hf import CheckpointError
     from ediffi_jax.encoders.prompt import PromptEncoder
     from ediffi_jax.parallel.mesh import make_mesh
@@ -66,7 +66,7 @@ def run(args, overrides) -> int:
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
                                                 load_pretrained, read_pretrained_cascade)
     from ediffi_jax.rng import check_seed
-    from sample.__main__ import parse_mesh, read_paint, write_batches
+    from sample.__main__ import read_paint, write_batches
 
     try:
         given = [f"--{k.replace('_', '-')}" for k in UNSUPPORTED if getattr(args, k, None)]
@@ -87,15 +87,8 @@ def run(args, overrides) -> int:
                 raise ConfigError(f"{len(negative)} --negative-prompt for {len(args.prompt)} "
                                   "--prompt: give one for each, or one for all")
             negative = [n for n in negative for _ in range(args.num)]
-        size = None
-        if args.size:
-            try:
-                size = tuple(int(v) for v in args.size.lower().split("x"))
-                assert len(size) == 2
-            except (ValueError, AssertionError):
-                raise ConfigError(f"--size must be HxW, got {args.size!r}") from None
-        elif args.resolution:
-            size = (args.resolution, args.resolution)
+        size = (parse_size(args.size) if args.size
+                else (args.resolution,) * 2 if args.resolution else None)
         mesh = make_mesh(parse_mesh(args.mesh))
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]

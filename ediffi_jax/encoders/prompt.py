@@ -32,7 +32,7 @@ from ediffi_jax.encoders import hf
 from ediffi_jax.encoders.conditioner import load_clip_text, load_t5
 from ediffi_jax.encoders.tokenizers import load_tokenizer, tokenize
 from ediffi_jax.models.conditioning import PromptConditioning
-from ediffi_jax.paint.masks import PaintError, PhraseMask, TokenStream, token_masks
+from ediffi_jax.paint.masks import TokenStream, batch_token_masks
 
 TOWERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' refiner defaults
@@ -184,16 +184,11 @@ class PromptEncoder:
         return TokenStream(stream, 0, tuple(tokenizer.convert_ids_to_tokens(list(ids))), ids)
 
     def paint_masks(self, prompts: Sequence[str], masks, scale: float = 1.0) -> np.ndarray:
-        """PromptConditioning.paint [B, H, W, L] (L: context_length()): each phrase's mask x strength x `scale` in
-        the columns of its tokens (every occurrence); `masks` PhraseMasks shared by every
-        prompt, or one sequence per prompt. A phrase missing from a prompt is a PaintError
-        naming both token lists."""
-        per_prompt = bool(masks) and not isinstance(masks[0], PhraseMask)
-        if per_prompt and len(masks) != len(prompts):
-            raise PaintError(f"{len(masks)} mask sets for {len(prompts)} prompts")
-        return np.stack([token_masks(masks[i] if per_prompt else masks, self.token_streams(p),
-                                     self.phrase_tokens, self.context_length(), p, scale)
-                         for i, p in enumerate(prompts)])
+        """PromptConditioning.paint [B, H, W, L] (L: context_length()): each phrase's mask x
+        strength x `scale` in the columns of its tokens (every occurrence); `masks`
+        PhraseMasks shared by every prompt, or one sequence per prompt. A phrase missing
+        from a prompt is a PaintError naming both token lists."""
+        return batch_token_masks(self, prompts, masks, self.context_length(), scale)
 
     def token_ids(self, prompt: str, tower: int = 0) -> np.ndarray:
         return np.asarray(self.towers[tower][0](prompt)["input_ids"], np.int32)

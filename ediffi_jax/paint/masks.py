@@ -208,15 +208,22 @@ def token_masks(masks: Sequence[PhraseMask], streams: Sequence[TokenStream], phr
     return out
 
 
-def paint_conditioning(conditioner, model, prompts: Sequence[str], masks, scale: float = 1.0
-                       ) -> np.ndarray:
-    """Conditioning.paint for a batch of prompts: [B, H, W, L] with L = t5_length +
-    clip_length + 2 (the image and null tokens get no mask). `masks`: PhraseMasks shared by
+def batch_token_masks(encoder, prompts: Sequence[str], masks, context_length: int,
+                      scale: float = 1.0) -> np.ndarray:
+    """token_masks for each prompt, [B, H, W, context_length], from an encoder's
+    token_streams(prompt) and phrase_tokens(stream, phrase). `masks`: PhraseMasks shared by
     every prompt, or one sequence of PhraseMasks per prompt."""
     per_prompt = bool(masks) and not isinstance(masks[0], PhraseMask)
     if per_prompt and len(masks) != len(prompts):
         raise PaintError(f"{len(masks)} mask sets for {len(prompts)} prompts")
-    length = model.t5_length + model.clip_length + 2
-    return np.stack([token_masks(masks[i] if per_prompt else masks, conditioner.token_streams(p),
-                                 conditioner.phrase_tokens, length, p, scale)
+    return np.stack([token_masks(masks[i] if per_prompt else masks, encoder.token_streams(p),
+                                 encoder.phrase_tokens, context_length, p, scale)
                      for i, p in enumerate(prompts)])
+
+
+def paint_conditioning(conditioner, model, prompts: Sequence[str], masks, scale: float = 1.0
+                       ) -> np.ndarray:
+    """Conditioning.paint for a batch of prompts: [B, H, W, L] with L = t5_length +
+    clip_length + 2 (the image and null tokens get no mask)."""
+    return batch_token_masks(conditioner, prompts, masks,
+                             model.t5_length + model.clip_length + 2, scale)
