@@ -48,6 +48,42 @@ def stage_name(directory: str, k: int, names: list[str]) -> str:
     return f"{k}_{name}" if name in names else name
 
 
+def native_size(pipe) -> tuple[int, int]:
+    """The (height, width) a pipeline's U-Net was made for, in pixels."""
+    return (pipe.unet.config.sample_size * vae_factor(pipe),) * 2
+
+
+def vae_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae else 1
+
+
+def stage_sizes(stages, pipes, size=None) -> list[tuple[int, int]]:
+    """Each stage's (height, width): `size` for the last (default its own), the U-Net's own
+    for the earlier ones. A size the VAE cannot encode is an error naming the folder."""
+    from ediffi_jax.config import ConfigError
+
+    sizes = []
+    for k, (stage, pipe) in enumerate(zip(stages, pipes)):
+        h, w = size if size and k == len(stages) - 1 else native_size(pipe)
+        factor = vae_factor(pipe)
+        if h % factor or w % factor:
+            raise ConfigError(f"size {h}x{w} is not a multiple of the VAE's factor "
+                              f"{factor} ({stage.pretrained})")
+        sizes.append((h, w))
+    return sizes
+
+
+def stage_plans(stages, pipes, steps: int, sampler: str, guidance_scale: float, schedule: str,
+                paint=None) -> list:
+    """Each stage's plan: its own steps / sampler / guidance_scale / schedule from the cascade
+    file where it sets them, else these."""
+    return [pipe.plan(stage.steps or steps, sampler=stage.sampler or sampler,
+                      guidance_scale=(guidance_scale if stage.guidance_scale is None
+                                      else stage.guidance_scale),
+                      schedule=stage.schedule or schedule, paint=paint)
+            for stage, pipe in zip(stages, pipes)]
+
+
 def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size):
     """The conditioning of prompts[start:start + batch] (with their paint masks)."""
     import jax.numpy as jnp
@@ -93,15 +129,7 @@ def run(args, overrides) -> int:
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
         cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
-        sizes = []
-        for stage, pipe in zip(stages, pipes):
-            factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae else 1
-            h, w = (size if size and len(sizes) == len(stages) - 1
-                    else (pipe.unet.config.sample_size * factor,) * 2)
-            if h % factor or w % factor:
-                raise ConfigError(f"size {h}x{w} is not a multiple of the VAE's factor "
-                                  f"{factor} ({stage.pretrained})")
-            sizes.append((h, w))
+        sizes = stage_sizes(stages, pipes, size)
         encoder = PromptEncoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
         # Paint-with-words: masks at the last stage's size, biasing every stage's
         # cross-attention; every prompt's phrases checked here.
@@ -110,12 +138,8 @@ def run(args, overrides) -> int:
         if paint is not None:
             paint_masks = np.repeat(encoder.paint_masks(args.prompt, paint.masks, paint.scale),
                                     args.num, axis=0)
-        plans = [pipe.plan(stage.steps or args.steps, sampler=stage.sampler or args.sampler,
-                           guidance_scale=(args.guidance_scale if stage.guidance_scale is None
-                                           else stage.guidance_scale),
-                           schedule=stage.schedule or args.schedule,
-                           paint=paint.settings if paint is not None else None)
-                 for stage, pipe in zip(stages, pipes)]
+        plans = stage_plans(stages, pipes, args.steps, args.sampler, args.guidance_scale,
+                            args.schedule, paint.settings if paint is not None else None)
         batch = args.batch or len(prompts)
         batch += -batch % cascade.batch_multiple  # whole batches on every device
         # Every input checked before any sampling: the first batch's prompts encode here.

@@ -18,6 +18,7 @@ its size and noise-augmented to its `sampling.noise_aug_sigma`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Sequence
@@ -173,6 +174,18 @@ class CascadeSampler:
         """`progress(step, num_steps)` hears of every sampler step of every stage from now on."""
         for runner in self.runners:
             runner.progress = progress
+
+    def with_settings(self, k: int, sampling: SamplingConfig | None = None,
+                      highres: HighResConfig | None = None) -> "CascadeSampler":
+        """This sampler with stage k's sampling / highres settings replaced, sharing its
+        compiled loops and encoders (a server answering requests of other step counts or
+        samplers compiles each distinct segment once, not once per request)."""
+        other = copy.copy(self)
+        stages = list(self.stages)
+        stages[k] = dataclasses.replace(stages[k], sampling=sampling or stages[k].sampling,
+                                        highres=highres or stages[k].highres)
+        other.stages, other._plans = tuple(stages), {}
+        return other
 
     def conditioner(self, stage: Stage):
         """One conditioner (and one encoding per batch) per distinct encoders + token layout
