@@ -155,3 +155,35 @@ def test_ensemble_rejects_mismatched_experts():
     other = abstract_params(tiny_unet_config(channels=16))
     with pytest.raises(ValueError, match="different architecture"):
         ExpertEnsemble(iv.CONFIG_LAYOUTS["C"], [p, other])
+
+
+def test_merge_back_averages_the_experts_into_one_whole_range_model(tmp_path):
+    """train.merge: the experts' weights averaged (equally, or by noise mass) into an export
+    over (0, 1) that loads as an ensemble of one; one expert alone is refused."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from ediffi_jax.runs.store import PARAMS_FILE, load_ensemble
+    from train.merge import main
+
+    shipped = "pretrained/tiny-shapes"
+    base = {k: v.astype(np.float32) for k, v in load_file(f"{shipped}/{PARAMS_FILE}").items()}
+    for name, q, shift in (("low", ["0", "1/4"], 0.0), ("high", ["1/4", "1"], 1.0)):
+        shutil.copytree(shipped, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["train"]["sigma_quantiles"] = q
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        save_file({k: v + shift for k, v in base.items()}, str(tmp_path / name / PARAMS_FILE))
+    (tmp_path / "ensemble.json").write_text(json.dumps({"experts": ["low", "high"]}))
+    for flag, shift in (([], 0.5), (["--by-mass"], 0.75)):
+        out = tmp_path / f"merged{shift}"
+        assert main([str(tmp_path / "ensemble.json"), "--out", str(out)] + flag) == 0
+        merged = load_file(str(out / PARAMS_FILE))
+        assert set(merged) == set(base)
+        for k, v in base.items():
+            np.testing.assert_allclose(merged[k], v + shift, atol=1e-6)
+        run, ensemble = load_ensemble(str(out))
+        assert len(ensemble) == 1 and run.train.sigma_quantiles == ("0", "1")
+    assert main([str(tmp_path / "low"), "--out", str(tmp_path / "one")]) == 2

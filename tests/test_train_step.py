@@ -108,6 +108,30 @@ def test_sigma_samples_stay_in_the_expert_interval():
     assert abs(float(jnp.mean(q)) - 1 / 16) < 0.005
 
 
+def test_soft_intervals_draw_a_fraction_p_from_the_whole_range():
+    """p of the sigmas from the whole log-normal, the rest from the interval; the in-interval
+    draws and the noise are the hard interval's own, so p = 0 is exactly today's run."""
+    n, lo, hi = 20000, "1/4", "1/2"
+    hard = TrainConfig(sigma_quantiles=(lo, hi))
+    soft = TrainConfig(sigma_quantiles=(lo, hi), soft_interval_p=0.25)
+    draw = lambda cfg: jax.vmap(lambda i: example_randomness(  # noqa: E731
+        cfg, i, (2,), cfg.sigma_interval()))(jnp.arange(n))
+    s_hard, noise_hard, _ = draw(hard)
+    s_soft, noise_soft, _ = draw(soft)
+    np.testing.assert_array_equal(noise_hard, noise_soft)
+    q = np.asarray(LogNormalSigma().quantile_of_sigma(s_soft))
+    inside = (q >= 0.25 - 1e-4) & (q <= 0.5 + 1e-4)
+    # Outside the interval: only whole-range draws, 0.75 of them (their mass outside it).
+    assert abs(np.mean(~inside) - 0.25 * 0.75) < 4 * np.sqrt(0.1875 * 0.8125 / n)
+    kept = np.asarray(s_hard) == np.asarray(s_soft)
+    assert abs(np.mean(kept) - 0.75) < 4 * np.sqrt(0.75 * 0.25 / n)
+    # The whole-range draws are the log-normal: uniform in mass.
+    moved = ~kept
+    assert abs(np.mean(q[moved]) - 0.5) < 0.02 and abs(np.mean(q[moved] < 0.25) - 0.25) < 0.02
+    with pytest.raises(ValueError, match="soft_interval_p"):
+        TrainConfig(soft_interval_p=1.5)
+
+
 def test_sibling_experts_compile_to_one_program():
     """Only the interval differs between the experts of a tree: it is an argument, so their
     train steps lower to the same program and a persistent compilation cache serves all."""

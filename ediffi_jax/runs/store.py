@@ -50,24 +50,48 @@ def _cast(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
 def write_export(workdir: str, out: str, dtype: str = "float32", step: int | None = None) -> str:
     """Write the export of `workdir`'s newest (or given) checkpoint to `out` (atomically:
     a temporary directory renamed into place, an existing `out` replaced only on success)."""
+    config = run_config(workdir).to_dict()
+    _, ema, saved_step = load_params(workdir, step=step)
+    return _write_params(out, config, ema, dtype, saved_step, os.path.abspath(workdir))
+
+
+def _write_params(out: str, config: dict, params, dtype: str, step: int, source: str) -> str:
     from safetensors.numpy import save_file
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    config = run_config(workdir).to_dict()
-    _, ema, saved_step = load_params(workdir, step=step)
-    flat = flatten_dict(jax_to_numpy(ema), sep="/")
+    flat = flatten_dict(jax_to_numpy(params), sep="/")
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
     if bad:
-        raise ValueError(f"{workdir} step {saved_step}: non-finite EMA params in {bad[:3]}")
+        raise ValueError(f"{source} step {step}: non-finite EMA params in {bad[:3]}")
     flat = _cast(flat, dtype)
     with atomic_directory(out) as tmp:
         save_file(flat, os.path.join(tmp, PARAMS_FILE),
-                  metadata={"format": "ediffi-jax", "step": str(saved_step),
-                            "source": os.path.abspath(workdir), "dtype": dtype})
+                  metadata={"format": "ediffi-jax", "step": str(step), "source": source,
+                            "dtype": dtype})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
     return out
+
+
+def write_merged_export(path: str, out: str, dtype: str = "float32",
+                        by_mass: bool = False) -> str:
+    """One model from an ensemble's experts: their EMA weights averaged (equally, or weighted
+    by each interval's share of the training noise mass), exported over the whole interval.
+    The merge-back baseline of Decouple-Then-Merge: one network with the ensemble's compute."""
+    run, ensemble = load_ensemble(path)
+    if len(ensemble) < 2:
+        raise ConfigError(f"{path} has one expert: nothing to merge")
+    masses = [float(e.q_hi - e.q_lo) for e in ensemble.intervals]
+    weights = np.asarray(masses if by_mass else [1.0] * len(masses), np.float64)
+    weights = weights / weights.sum()
+    merged = jax.tree.map(lambda *leaves: sum(float(w) * np.asarray(leaf, np.float32)
+                                              for w, leaf in zip(weights, leaves)),
+                          *ensemble.params)
+    config = run_config(expert_workdirs(path)[0]).to_dict()
+    config["train"]["sigma_quantiles"] = ["0", "1"]
+    source = f"merged ({'by mass' if by_mass else 'equal'}) from {os.path.abspath(path)}"
+    return _write_params(out, config, merged, dtype, 0, source)
 
 
 def jax_to_numpy(tree):

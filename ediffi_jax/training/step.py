@@ -51,6 +51,9 @@ class TrainConfig:
     drop_clip_image: float = 0.9
     # The expert's noise interval as probability-mass quantiles of the training log-normal.
     sigma_quantiles: tuple[str, str] = ("0", "1")
+    # Soft intervals (MEME; Decouple-Then-Merge): this fraction of the examples draws its sigma
+    # from the whole training distribution instead of the expert's interval (0: hard intervals).
+    soft_interval_p: float = 0.0
     # Super-resolution stages: the low-res input's noise-augmentation level, log-uniform here.
     noise_aug_sigma: tuple[float, float] = (0.002, 0.5)
     init_from: str = ""  # a parent run's workdir: start from its latest params and EMA (branching)
@@ -66,7 +69,7 @@ class TrainConfig:
         lo, hi = (Fraction(v) for v in q)
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"sigma_quantiles must satisfy 0 <= lo < hi <= 1, got {q}")
-        for name in ("drop_t5", "drop_clip_text", "drop_clip_image"):
+        for name in ("drop_t5", "drop_clip_text", "drop_clip_image", "soft_interval_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr_decay not in ("constant", "cosine"):
@@ -147,11 +150,15 @@ def lowres_key(seed: int, index) -> jax.Array:
 
 
 def example_randomness(cfg: TrainConfig, index, image_shape, interval):
-    """sigma (within the quantile `interval`), noise and per-part keep flags of one example,
-    from its global index."""
+    """sigma (within the quantile `interval`, or with probability cfg.soft_interval_p
+    anywhere), noise and per-part keep flags of one example, from its global index."""
     key = example_key(cfg.seed, index)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
-    sigma = edm.LogNormalSigma().sample(k_sigma, (), interval[0], interval[1])
+    lo, hi = interval[0], interval[1]
+    if cfg.soft_interval_p > 0:  # its own key: at p = 0 every draw is what it always was
+        anywhere = jax.random.uniform(jax.random.fold_in(key, 1)) < cfg.soft_interval_p
+        lo, hi = jnp.where(anywhere, 0.0, lo), jnp.where(anywhere, 1.0, hi)
+    sigma = edm.LogNormalSigma().sample(k_sigma, (), lo, hi)
     noise = jax.random.normal(k_noise, image_shape, jnp.float32)
     u = jax.random.uniform(k_drop, (3,))
     keep = u >= jnp.array([cfg.drop_t5, cfg.drop_clip_text, cfg.drop_clip_image])
