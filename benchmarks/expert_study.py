@@ -253,7 +253,9 @@ class Evaluator:
 
 
 def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, results: str,
-             done: set, num_steps: int, log=print) -> None:
+             done: set, num_steps: int, log=print, step: int | None = None) -> None:
+    """FID and class accuracy of the ensemble (its experts' checkpoint `step`, default the
+    newest) at each guidance scale not yet in `done`, appended to `results`."""
     from ediffi_jax.diffusion.sampling import PlanRunner
     from ediffi_jax.encoders.conditioner import make_conditioner
     from ediffi_jax.eval.sweep import sample_images
@@ -264,7 +266,7 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
     todo = [s for s in scales if (layout, seed, s) not in done]
     if not todo:
         return
-    run, ensemble = load_ensemble(ensemble_path)
+    run, ensemble = load_ensemble(ensemble_path, step=step)
     runner = PlanRunner(unet_denoise_fn(UNet(run.stage.model)))
     conditioner = make_conditioner(run.encoders, run.stage.model)
     for scale in todo:
@@ -279,12 +281,12 @@ def evaluate(ensemble_path: str, layout: str, seed: int, scales, ev: Evaluator, 
                  **ev.measure(images), "num": len(images), "seconds": time.perf_counter() - t}
         with open(results, "a") as f:
             f.write(json.dumps(point) + "\n")
-        log(f"  {LABELS[layout]}, seed {seed}, w={scale:g}: FID {point['fid']:.2f}, "
+        log(f"  {LABELS.get(layout, layout)}, seed {seed}, w={scale:g}: FID {point['fid']:.2f}, "
             f"class accuracy {point['accuracy']:.3f} ({point['seconds']:.0f} s)")
 
 
 def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, step: int | None = None) -> list[dict]:
     """The EDM training loss on held-out images at the middle quantile of each of `bins`
     equal-mass bins of the training log-normal, each bin denoised by the expert owning it (with
     the caption, no dropout; the same noise for every ensemble). Where the experts beat the one
@@ -299,7 +301,7 @@ def heldout_loss(ensemble_path: str, images: np.ndarray, captions, bins: int = 8
     from ediffi_jax.pipeline.denoise import unet_denoise_fn
     from ediffi_jax.runs.store import load_ensemble
 
-    run, ensemble = load_ensemble(ensemble_path)
+    run, ensemble = load_ensemble(ensemble_path, step=step)
     denoise = jax.jit(unet_denoise_fn(UNet(run.stage.model)), static_argnums=4)
     cond = jax.tree.map(jnp.asarray,
                         make_conditioner(run.encoders, run.stage.model).encode(list(captions)))

@@ -1,0 +1,65 @@
+"""The expert-scaling study in the paper's regime (benchmarks/expert_scaling.py): every arm's
+compute is what its protocol says, every checkpoint it reads is one its runs save, every arm has
+a compute-matched one model, and the plateau bar is read off the curve."""
+import pytest
+
+from benchmarks.expert_scaling import curve_table, loss_table, matched_baseline, study_plan
+
+
+def test_every_arm_has_the_compute_its_protocol_says():
+    launches, arms = study_plan(4000, 400)
+    runs = {r.name: r for r in launches}
+    for arm in arms:
+        if arm.kind == "merged":
+            source = next(a for a in arms if a.label == arm.merge_of)
+            assert arm.compute == source.compute
+            continue
+        for name in arm.experts:  # the step is a checkpoint the run saves and keeps
+            run = runs[name]
+            assert arm.step <= run.steps and arm.step % run.every == 0
+            assert run.steps // run.every <= 9  # keep_checkpoints=9 keeps them all
+        spent = 0 if arm.protocol == "parent" else arm.step * len(arm.experts)
+        assert spent == arm.compute, arm
+    by = {a.label: a for a in arms}
+    assert by["8 experts"].compute == by["1 model, +8S"].compute == 3200  # added: n x S
+    assert by["8 experts, equal compute"].compute == by["1 model, +S"].compute == 400
+    assert by["8 experts, equal compute"].step == 50
+    assert by["Config-D (3 experts)"].experts == ("D_E3_0", "D_MC", "D_E9_511")
+    assert {r.node for r in launches if r.name.startswith("L3_")} == {f"3/{i}" for i in range(8)}
+    assert [r.soft for r in launches if r.name.startswith("soft")] == [0.2] * 10  # 2 and 8
+    assert runs["B"].node == "0/0" and runs["B"].steps == 3200  # the fresh optimizer too
+
+
+def test_each_non_baseline_arm_meets_the_one_model_of_its_compute():
+    _, arms = study_plan(4000, 400)
+    for arm in arms:
+        base = matched_baseline(arm, arms)
+        if arm.kind == "1 model":
+            assert base is None
+        else:
+            assert base.experts == ("B",) and base.step == arm.compute
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(parent_steps=4001, expert_steps=400), "multiples of 8"),
+    (dict(parent_steps=4000, expert_steps=400, counts=(3,)), "2, 4 or 8"),
+    (dict(parent_steps=4000, expert_steps=400, counts=(2,), soft_counts=(8,)), "soft counts"),
+    (dict(parent_steps=4000, expert_steps=400, soft_p=1.5), "soft-p"),
+])
+def test_bad_study_numbers_fail_before_training(kw, match):
+    with pytest.raises(ValueError, match=match):
+        study_plan(**kw)
+
+
+def test_plateau_is_the_change_over_the_last_quarter_and_losses_compare_per_seed():
+    rows = [dict(seed=s, step=k * 100, bin=b, loss=1.0 + (8 - k) * 0.1 + (0.0 if k < 6 else
+                                                                          -0.005 * (k - 6)))
+            for s in (0, 1) for k in range(1, 9) for b in range(2)]
+    _, change = curve_table(rows)
+    # step 600 -> 800: (1.0 - 0.01) / 1.2 - 1
+    assert change == pytest.approx({0: 0.99 / 1.2 - 1, 1: 0.99 / 1.2 - 1})
+    _, arms = study_plan(4000, 400, counts=(2,), soft_counts=(), config_d=False)
+    losses = [dict(layout=label, seed=s, bin=0, sigma=0.5, loss=loss)
+              for s in (0, 1) for label, loss in (("2 experts", 0.9), ("1 model, +2S", 1.0))]
+    table = loss_table(losses, arms)
+    assert "| 2 experts vs 1 model, +2S | -10.0% ± 0.0 |" in table
