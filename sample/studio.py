@@ -157,7 +157,8 @@ class Checked:
 
 
 class Studio:
-    """The interface the page needs; subclasses fill `_check`, `_run`, `source` and `info`."""
+    """The interface the page needs; the subclasses give `_check`, `run`, `_setting_args` and
+    the attributes below."""
 
     name: str
     source: list[str]  # the command line's model arguments, e.g. ["--ensemble", "runs/x"]
@@ -234,7 +235,7 @@ class Studio:
 
     def run(self, checked: Checked, progress: Callable[[dict], None] | None = None
             ) -> np.ndarray:
-        """The last stage's uint8 images [num, H, W, 3]. `progress` hears after every step:
+        """The last stage's uint8 images [num, H, W, 3]. `progress` hears as each step runs:
         {stage, stage_index, stages, step, steps, segment, segments, experts, sigma}."""
         raise NotImplementedError
 
