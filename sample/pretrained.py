@@ -2,6 +2,10 @@
        [--batch N] [--mesh data,fsdp,tensor] [--steps 25] [--sampler euler|heun|dpmpp_2m]
        [--guidance-scale 7.5] [--schedule discrete|karras] [--resolution 512 | --size HxW]
        [--clip-skip K] [--dtype float32|bfloat16] [--variant fp16]
+       [--highres scalecrafter (--scalecrafter-config sd2.1_2048x2048.yaml [--scalecrafter-root DIR]
+        | --dilate-settings FILE --dilate-tau N [--ndcfg-dilate-settings FILE] [--ndcfg-tau N]
+          [--disperse-settings FILE] [--inflate-tau N] [--progressive] [--tau-steps 50])
+        [--highres-skip-missing]]
 python -m sample --cascade if.json --prompt ...    (pretrained folders in a chain)
 
 Samples a local diffusers Stable Diffusion 1.x / 2.x, SDXL or DeepFloyd IF pipeline folder
@@ -14,9 +18,21 @@ stage's output; earlier stages make their U-Net's own size. Prompts are sampled 
 time, sharded over the mesh's data x fsdp devices; one PNG per sample and grid.png in --out
 (a cascade: OUT/<stage folder name>/), written as each stage of each batch finishes. If
 sampling fails part-way, what finished stays written and the command exits 1.
+
+--highres scalecrafter samples the last stage with ScaleCrafter (highres/official.py) from the
+official repository's files as they are (YingqingHe/ScaleCrafter: configs/*.yaml, whose
+assets/ paths are read relative to --scalecrafter-root, by default the yaml folder's parent),
+or from settings files (`module:factor` per line; one module per line for dispersion) and
+taus given here; flags given with a config override its fields. Taus count steps of the
+official --tau-steps (50) step DDIM run and become noise levels of the checkpoint's schedule,
+so any --steps and --sampler work. The config's latent size sets the output size unless --size
+or --resolution does. Names that are not 3x3 convs of the U-Net are an error naming the
+closest; --highres-skip-missing drops them with a warning, as the official code does silently
+(its SDXL files name blocks SDXL does not have).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -38,9 +54,87 @@ def add_arguments(p) -> None:
                    "(diffusers' clip_skip)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--variant", help="weights variant files, e.g. fp16")
+    h = p.add_argument_group("--pretrained --highres scalecrafter (ScaleCrafter's settings)")
+    h.add_argument("--scalecrafter-config", metavar="FILE.yaml",
+                   help="an official ScaleCrafter config (its configs/*.yaml)")
+    h.add_argument("--scalecrafter-root", metavar="DIR", help="the official repository's root, "
+                   "which the config's paths are relative to (default: the yaml folder's parent)")
+    h.add_argument("--dilate-settings", metavar="FILE", help="'module:factor' per line")
+    h.add_argument("--ndcfg-dilate-settings", metavar="FILE",
+                   help="noise-damped CFG's milder settings")
+    h.add_argument("--disperse-settings", metavar="FILE", help="modules to disperse, one a line")
+    h.add_argument("--dilate-tau", type=int, help="re-dilate steps i < N of --tau-steps")
+    h.add_argument("--ndcfg-tau", type=int, help="NDCFG for steps i < N (default: the "
+                   "config's; without one --dilate-tau where --ndcfg-dilate-settings is given)")
+    h.add_argument("--inflate-tau", type=int, help="dispersed kernels for steps i < N (default: "
+                   "the config's; without one --dilate-tau where --disperse-settings is given)")
+    h.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=None,
+                   help="shrink the factors over the active steps")
+    h.add_argument("--tau-steps", type=int, help="the step count the taus count in (default: "
+                   "the config's num_inference_steps, else 50)")
+    h.add_argument("--highres-skip-missing", action="store_true", help="drop (with a warning) "
+                   "settings names that are not 3x3 convs of the U-Net")
 
 
-UNSUPPORTED = ("paint_layers", "style_image", "highres", "stages")
+UNSUPPORTED = ("paint_layers", "style_image", "stages")
+# --highres scalecrafter's flags, with the OfficialConfig field each sets.
+HIGHRES_FLAGS = {"scalecrafter_config": None, "scalecrafter_root": None,
+                 "dilate_settings": "dilation", "ndcfg_dilate_settings": "ndcfg_dilation",
+                 "disperse_settings": "disperse", "dilate_tau": "dilate_tau",
+                 "ndcfg_tau": "ndcfg_tau", "inflate_tau": "inflate_tau",
+                 "progressive": "progressive", "tau_steps": "num_inference_steps",
+                 "highres_skip_missing": None}
+
+
+def read_highres(args):
+    """--highres scalecrafter's OfficialConfig (a config file, the flags over it), read and
+    checked before any model loads; None without --highres scalecrafter."""
+    import dataclasses
+
+    from ediffi_jax.config import ConfigError
+    from ediffi_jax.highres import official
+
+    given = {k: getattr(args, k, None) for k in HIGHRES_FLAGS}
+    given = {k: v for k, v in given.items()
+             if v is not None and not (k == "highres_skip_missing" and not v)}
+    flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+    if getattr(args, "highres", None) != "scalecrafter":
+        if given:
+            raise ConfigError(f"{flags}: only with --highres scalecrafter")
+        return None
+    if not (args.scalecrafter_config or args.dilate_settings):
+        raise ConfigError("--highres scalecrafter with --pretrained needs --scalecrafter-config "
+                          "FILE.yaml (an official config) or --dilate-settings FILE")
+    if args.scalecrafter_root and not args.scalecrafter_config:
+        raise ConfigError("--scalecrafter-root: only with --scalecrafter-config")
+    if args.scalecrafter_config:
+        base = official.read_config(args.scalecrafter_config, args.scalecrafter_root)
+    else:
+        if args.dilate_tau is None:
+            raise ConfigError("--dilate-settings needs --dilate-tau N: steps i < N of a "
+                              "--tau-steps (50) step run are re-dilated (the official configs "
+                              "use 20-37 of 50)")
+        base = official.OfficialConfig()
+    changes, files = {}, dict(base.files)
+    readers = {"dilate_settings": official.read_dilate_settings,
+               "ndcfg_dilate_settings": official.read_dilate_settings,
+               "disperse_settings": official.read_disperse_settings}
+    for flag, field in HIGHRES_FLAGS.items():
+        if field is None or flag not in given:
+            continue
+        value = given[flag]
+        if flag in readers:
+            value, files[flag] = readers[flag](value), value
+        changes[field] = value
+    if not args.scalecrafter_config:  # the settings files given here act within --dilate-tau
+        if args.ndcfg_dilate_settings and args.ndcfg_tau is None:
+            changes["ndcfg_tau"] = args.dilate_tau
+        if args.disperse_settings and args.inflate_tau is None:
+            changes["inflate_tau"] = args.dilate_tau
+    try:
+        return dataclasses.replace(base, files=files, **changes)
+    except ValueError as e:
+        raise ConfigError(f"--highres scalecrafter: {e}") from e
 
 
 def stage_name(directory: str, k: int, names: list[str]) -> str:
@@ -74,14 +168,15 @@ def stage_sizes(stages, pipes, size=None) -> list[tuple[int, int]]:
 
 
 def stage_plans(stages, pipes, steps: int, sampler: str, guidance_scale: float, schedule: str,
-                paint=None) -> list:
+                paint=None, highres=None) -> list:
     """Each stage's plan: its own steps / sampler / guidance_scale / schedule from the cascade
-    file where it sets them, else these."""
+    file where it sets them, else these; highres (a HighResPlan) for the last stage."""
     return [pipe.plan(stage.steps or steps, sampler=stage.sampler or sampler,
                       guidance_scale=(guidance_scale if stage.guidance_scale is None
                                       else stage.guidance_scale),
-                      schedule=stage.schedule or schedule, paint=paint)
-            for stage, pipe in zip(stages, pipes)]
+                      schedule=stage.schedule or schedule, paint=paint,
+                      highres=highres if k == len(stages) - 1 else None)
+            for k, (stage, pipe) in enumerate(zip(stages, pipes))]
 
 
 def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size):
@@ -97,6 +192,7 @@ def run(args, overrides) -> int:
     from ediffi_jax.config import ConfigError, parse_mesh, parse_size
     from ediffi_jax.encoders.hf import CheckpointError
     from ediffi_jax.encoders.prompt import PromptEncoder
+    from ediffi_jax.models.diffusers_unet import conv3x3_levels
     from ediffi_jax.parallel.mesh import make_mesh
     from ediffi_jax.pipeline.generate import StepProgress, to_uint8
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
@@ -125,10 +221,19 @@ def run(args, overrides) -> int:
             negative = [n for n in negative for _ in range(args.num)]
         size = (parse_size(args.size) if args.size
                 else (args.resolution,) * 2 if args.resolution else None)
+        highres = read_highres(args)
         mesh = make_mesh(parse_mesh(args.mesh))
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
         cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
+        highres_plan = None
+        if highres is not None:
+            last = pipes[-1]
+            if size is None and highres.latent_size:  # the official config's output size
+                size = tuple(v * vae_factor(last) for v in highres.latent_size)
+            highres_plan = highres.plan(conv3x3_levels(last.unet.config), last.schedule,
+                                        last.scheduler_config,
+                                        skip_missing=args.highres_skip_missing)
         sizes = stage_sizes(stages, pipes, size)
         encoder = PromptEncoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
         # Paint-with-words: masks at the last stage's size, biasing every stage's
@@ -139,7 +244,8 @@ def run(args, overrides) -> int:
             paint_masks = np.repeat(encoder.paint_masks(args.prompt, paint.masks, paint.scale),
                                     args.num, axis=0)
         plans = stage_plans(stages, pipes, args.steps, args.sampler, args.guidance_scale,
-                            args.schedule, paint.settings if paint is not None else None)
+                            args.schedule, paint.settings if paint is not None else None,
+                            highres_plan)
         batch = args.batch or len(prompts)
         batch += -batch % cascade.batch_multiple  # whole batches on every device
         # Every input checked before any sampling: the first batch's prompts encode here.
@@ -153,6 +259,9 @@ def run(args, overrides) -> int:
         names.append(stage_name(stage.pretrained, k, names))
     for stage, plan, (h, w) in zip(stages, plans, sizes):
         print(f"{stage.pretrained}: {h}x{w}, plan:\n{plan.describe()}")
+    if highres is not None:
+        print("ScaleCrafter: " + (f"re-dilation while sigma >= {highres_plan.sigma_tau:.4g}"
+                                  if highres_plan else "dilate_tau 0, direct sampling"))
     dirs = [args.out] if len(stages) == 1 else [os.path.join(args.out, n) for n in names]
     for d in dirs:
         os.makedirs(d, exist_ok=True)

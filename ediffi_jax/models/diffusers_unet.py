@@ -720,6 +720,41 @@ def conv_names(params: Mapping) -> tuple[str, ...]:
     return tuple(names)
 
 
+def conv3x3_levels(config: DiffusersUNetConfig) -> dict[str, int]:
+    """Every 3x3 conv's diffusers name -> the level whose resolution it reads (0: the input's;
+    conv_in and conv_out -1, never re-dilated): models/unet.py's conv3x3_levels for this
+    family, the table highres plans validate against. A downsampler conv reads its block's
+    level, an upsampler conv the finer one it upsamples to (IF's resampling resnets: both convs
+    read the resampled level). 1x1 shortcuts are not listed."""
+    n = config.levels
+    out = {"conv_in": -1, "conv_out": -1}
+
+    def resnet(name, level):
+        out[f"{name}.conv1"] = out[f"{name}.conv2"] = level
+
+    for i in range(n):
+        for j in range(config.layers[i]):
+            resnet(f"down_blocks.{i}.resnets.{j}", i)
+        if i < n - 1:
+            if config.down_block_types[i] in IF_BLOCKS:
+                resnet(f"down_blocks.{i}.downsamplers.0", i + 1)
+            else:
+                out[f"down_blocks.{i}.downsamplers.0.conv"] = i
+    if config.mid_block_type is not None:
+        resnet("mid_block.resnets.0", n - 1)
+        resnet("mid_block.resnets.1", n - 1)
+    for i in range(n):
+        level = n - 1 - i
+        for j in range(config.layers[::-1][i] + 1):
+            resnet(f"up_blocks.{i}.resnets.{j}", level)
+        if i < n - 1:
+            if config.up_block_types[i] in IF_BLOCKS:
+                resnet(f"up_blocks.{i}.upsamplers.0", level - 1)
+            else:
+                out[f"up_blocks.{i}.upsamplers.0.conv"] = level - 1
+    return out
+
+
 def check_conv_settings(params: Mapping, conv_settings: ConvSettings) -> None:
     """Every conv named (diffusers name or layer path) must exist in this U-Net: the official
     ScaleCrafter code skips unknown names silently; here that is an error naming the closest."""

@@ -28,6 +28,7 @@ from ediffi_jax.diffusion import discrete
 from ediffi_jax.diffusion.plan import Plan, build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
 from ediffi_jax.encoders import hf
+from ediffi_jax.highres.plans import HighResPlan
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
@@ -109,6 +110,9 @@ class PretrainedPipeline:
     mesh: object = None
     # DeepFloyd IF stage II: the schedule that noise-augments its upsampled low-res input.
     noising_schedule: "discrete.DiscreteSchedule | None" = None
+    # scheduler_config.json as written: the official ScaleCrafter configs count steps of a
+    # DDIM run, whose spacing defaults differ from the schedule's (highres/official.py).
+    scheduler_config: dict | None = None
 
     def __post_init__(self):
         self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh,
@@ -161,10 +165,21 @@ class PretrainedPipeline:
                                              karras=schedule == "karras")
 
     def plan(self, num_steps: int = 25, *, sampler: str = "euler", guidance_scale: float = 7.5,
-             schedule: str = "discrete", sigmas=None, **plan_kw) -> Plan:
-        """A one-expert plan on the checkpoint's schedule (or explicit `sigmas`)."""
+             schedule: str = "discrete", sigmas=None, highres: HighResPlan | None = None,
+             **plan_kw) -> Plan:
+        """A one-expert plan on the checkpoint's schedule (or explicit `sigmas`). highres: a
+        ScaleCrafter plan (thresholds in this schedule's sigmas, e.g. highres/official.py's
+        from an official config), checked against this U-Net's convs, whose per-step conv
+        settings (and NDCFG's) the plan's segments carry."""
         sigmas = (self.sigmas(num_steps, schedule, sampler) if sigmas is None
                   else np.asarray(sigmas, np.float64))
+        if highres is not None:
+            given = sorted({"layer_settings", "uncond_layer_settings"} & set(plan_kw))
+            if given:
+                raise ValueError(f"give highres or {', '.join(given)}, not both")
+            highres.validate(diffusers_unet.conv3x3_levels(self.unet.config))
+            plan_kw = dict(plan_kw, layer_settings=highres.layer_settings(sigmas),
+                           uncond_layer_settings=highres.uncond_layer_settings(sigmas))
         return build_plan(sigmas, sampler=sampler, guidance_scale=guidance_scale, **plan_kw)
 
     def denoise(self, plan: Plan, cond, x) -> jax.Array:
@@ -367,8 +382,9 @@ def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | No
         if scheduler_dir is None:
             raise hf.CheckpointError(f"{directory}: a single U-Net folder needs its "
                                      "scheduler_config.json beside it or in ../scheduler")
-    schedule = discrete.DiscreteSchedule.from_scheduler_config(read_json_file(
-        os.path.join(scheduler_dir, "scheduler_config.json"), "the checkpoint's noise schedule"))
+    scheduler_config = read_json_file(os.path.join(scheduler_dir, "scheduler_config.json"),
+                                      "the checkpoint's noise schedule")
+    schedule = discrete.DiscreteSchedule.from_scheduler_config(scheduler_config)
     noising = None
     noising_dir = os.path.join(directory, "image_noising_scheduler")
     if os.path.isfile(os.path.join(noising_dir, "scheduler_config.json")):
@@ -384,4 +400,4 @@ def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | No
                                                 vae_lib.abstract_boxed, variant, mesh)
         vae = vae_lib.AutoencoderKL(vae_config, dtype=compute)
     return PretrainedPipeline(directory, unet, unet_params, schedule, vae, vae_params, mesh,
-                              noising)
+                              noising, scheduler_config)
