@@ -57,6 +57,24 @@ def test_im2col_conv_equals_xla_conv(monkeypatch, size, kernel, stride, dilation
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_dispersed_kernel_with_torch_padding_pads_for_its_own_size(dilation):
+    """A dispersed 5x5 kernel in a torch-padded stride-2 conv (diffusers' Downsample2D,
+    padding 1) is padded 2 d, as ScaleCrafter's official code pads it: the output keeps the
+    plain conv's size and equals the 5x5 conv with that padding."""
+    from ediffi_jax.highres.disperse import DISPERSED
+    from ediffi_jax.models.layers import redilated_conv
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 16, 16, 3)), jnp.float32)
+    k3 = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    plain = redilated_conv(x, k3, 2, ConvSetting(dilation), padding=1)
+    dispersed = redilated_conv(x, k3, 2, ConvSetting(dilation, kernel_map=DISPERSED), padding=1)
+    assert dispersed.shape == plain.shape == (1, 8, 8, 4)
+    want = conv2d(x, DISPERSED(k3), stride=2, dilation=dilation, padding=2)
+    np.testing.assert_allclose(dispersed, want, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_setting_rejects_bad_dilation():
     with pytest.raises(ValueError, match="dilation"):
         ConvSetting(dilation=0)

@@ -188,7 +188,10 @@ def redilated_conv(x, kernel, stride: int, setting: ConvSetting, padding: int | 
     """The conv under a ConvSetting: optional kernel map (dispersion), fractional resize around
     a dilated conv (ScaleCrafter's f_k^d(h) = interp_{1/s}(interp_s(h) * dilate_d(k)))."""
     if setting.kernel_map is not None:
+        k = kernel.shape[0]
         kernel = setting.kernel_map(kernel)
+        if padding is not None:  # torch-style padding grows with the kernel (5x5: 2, as official)
+            padding += (kernel.shape[0] - k) // 2
     if setting.scale == 1.0:
         return conv2d(x, kernel, stride=stride, dilation=setting.dilation, padding=padding)
     _, h, w, _ = x.shape
