@@ -34,7 +34,7 @@ def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PARAMS_FILE))
 
 
-def _cast(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+def cast_params(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     import ml_dtypes
 
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
@@ -64,7 +64,7 @@ def _write_params(out: str, config: dict, params, dtype: str, step: int, source:
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
     if bad:
         raise ValueError(f"{source} step {step}: non-finite EMA params in {bad[:3]}")
-    flat = _cast(flat, dtype)
+    flat = cast_params(flat, dtype)
     with atomic_directory(out) as tmp:
         save_file(flat, os.path.join(tmp, PARAMS_FILE),
                   metadata={"format": "ediffi-jax", "step": str(step), "source": source,
