@@ -2,7 +2,8 @@
        [--batch N] [--mesh data,fsdp,tensor] [--steps 25] [--sampler euler|heun|dpmpp_2m]
        [--guidance-scale 7.5] [--schedule discrete|karras] [--resolution 512 | --size HxW]
        [--clip-skip K] [--dtype float32|bfloat16] [--variant fp16]
-       [--highres scalecrafter (--scalecrafter-config sd2.1_2048x2048.yaml [--scalecrafter-root DIR]
+       [--highres scalecrafter ([--scalecrafter-preset sd1|sd2|sdxl|RUN] --size HxW
+        | --scalecrafter-config sd2.1_2048x2048.yaml [--scalecrafter-root DIR]
         | --dilate-settings FILE --dilate-tau N [--ndcfg-dilate-settings FILE] [--ndcfg-tau N]
           [--disperse-settings FILE] [--inflate-tau N] [--progressive] [--tau-steps 50])
         [--highres-skip-missing]]
@@ -19,11 +20,17 @@ time, sharded over the mesh's data x fsdp devices; one PNG per sample and grid.p
 (a cascade: OUT/<stage folder name>/), written as each stage of each batch finishes. If
 sampling fails part-way, what finished stays written and the command exits 1.
 
---highres scalecrafter samples the last stage with ScaleCrafter (highres/official.py) from the
-official repository's files as they are (YingqingHe/ScaleCrafter: configs/*.yaml, whose
-assets/ paths are read relative to --scalecrafter-root, by default the yaml folder's parent),
-or from settings files (`module:factor` per line; one module per line for dispersion) and
-taus given here; flags given with a config override its fields. Taus count steps of the
+--highres scalecrafter samples the last stage with ScaleCrafter (highres/official.py): with
+neither a config nor settings files, by the built-in copy of the official settings
+(highres/official_presets.py): the run for the output size (--size / --resolution, required)
+of the U-Net's family (SD 1.x, SD 2.x, SDXL base) or --scalecrafter-preset's (sd1, sd2, sdxl),
+the official run of that size, else the one of the closest pixel count relative to the U-Net's
+own (from 0.9 x 4x it; below, sample directly), or --scalecrafter-preset's run as named (e.g.
+sd1.5_2048x1024, as its config would be); from the official
+repository's files as they are (YingqingHe/ScaleCrafter: configs/*.yaml, whose assets/ paths
+are read relative to --scalecrafter-root, by default the yaml folder's parent); or from
+settings files (`module:factor` per line; one module per line for dispersion) and taus given
+here. Flags given with a preset or a config override its fields. Taus count steps of the
 official --tau-steps (50) step DDIM run and become noise levels of the checkpoint's schedule,
 so any --steps and --sampler work. The config's latent size sets the output size unless --size
 or --resolution does. Names that are not 3x3 convs of the U-Net are an error naming the
@@ -55,6 +62,11 @@ def add_arguments(p) -> None:
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--variant", help="weights variant files, e.g. fp16")
     h = p.add_argument_group("--pretrained --highres scalecrafter (ScaleCrafter's settings)")
+    h.add_argument("--scalecrafter-preset", metavar="NAME", help="built-in official settings: "
+                   "a family (sd1, sd2, sdxl: the run for the output size) or a run ("
+                   "sd1.5_1024x1024, ..., sdxl_4096x4096; W x H as the official configs) "
+                   "(default, without --scalecrafter-config / --dilate-settings: the U-Net's "
+                   "family)")
     h.add_argument("--scalecrafter-config", metavar="FILE.yaml",
                    help="an official ScaleCrafter config (its configs/*.yaml)")
     h.add_argument("--scalecrafter-root", metavar="DIR", help="the official repository's root, "
@@ -78,7 +90,8 @@ def add_arguments(p) -> None:
 
 UNSUPPORTED = ("paint_layers", "style_image", "stages")
 # --highres scalecrafter's flags, with the OfficialConfig field each sets.
-HIGHRES_FLAGS = {"scalecrafter_config": None, "scalecrafter_root": None,
+HIGHRES_FLAGS = {"scalecrafter_preset": None, "scalecrafter_config": None,
+                 "scalecrafter_root": None,
                  "dilate_settings": "dilation", "ndcfg_dilate_settings": "ndcfg_dilation",
                  "disperse_settings": "disperse", "dilate_tau": "dilate_tau",
                  "ndcfg_tau": "ndcfg_tau", "inflate_tau": "inflate_tau",
@@ -86,13 +99,25 @@ HIGHRES_FLAGS = {"scalecrafter_config": None, "scalecrafter_root": None,
                  "highres_skip_missing": None}
 
 
-def read_highres(args):
-    """--highres scalecrafter's OfficialConfig (a config file, the flags over it), read and
-    checked before any model loads; None without --highres scalecrafter."""
+PRESET = "preset"  # read_highres without the preset: the built-in preset path, checked
+
+
+def uses_preset(args) -> bool:
+    """--highres scalecrafter by the built-in settings: --scalecrafter-preset, or neither an
+    official config nor --dilate-settings."""
+    return bool(getattr(args, "scalecrafter_preset", None)
+                or not (args.scalecrafter_config or args.dilate_settings))
+
+
+def read_highres(args, preset=None):
+    """--highres scalecrafter's OfficialConfig (a config file or a built-in preset, the flags
+    over it), read and checked before any model loads; None without --highres scalecrafter.
+    The built-in preset depends on the U-Net: without `preset` (highres_preset's) that path
+    checks its flags and returns PRESET; run() calls again with the preset once loaded."""
     import dataclasses
 
     from ediffi_jax.config import ConfigError
-    from ediffi_jax.highres import official
+    from ediffi_jax.highres import official, official_presets
 
     given = {k: getattr(args, k, None) for k in HIGHRES_FLAGS}
     given = {k: v for k, v in given.items()
@@ -102,12 +127,23 @@ def read_highres(args):
         if given:
             raise ConfigError(f"{flags}: only with --highres scalecrafter")
         return None
-    if not (args.scalecrafter_config or args.dilate_settings):
-        raise ConfigError("--highres scalecrafter with --pretrained needs --scalecrafter-config "
-                          "FILE.yaml (an official config) or --dilate-settings FILE")
+    name = getattr(args, "scalecrafter_preset", None)
+    if name and args.scalecrafter_config:
+        raise ConfigError("--scalecrafter-preset or --scalecrafter-config: give one")
     if args.scalecrafter_root and not args.scalecrafter_config:
         raise ConfigError("--scalecrafter-root: only with --scalecrafter-config")
-    if args.scalecrafter_config:
+    if uses_preset(args):
+        names = tuple(official_presets.FAMILIES) + tuple(official_presets.PRESETS)
+        if name and name not in names:
+            raise ConfigError(f"--scalecrafter-preset {name!r}: not one of {', '.join(names)}")
+        if name not in official_presets.PRESETS and not (args.size or args.resolution):
+            raise ConfigError(
+                "--highres scalecrafter by the built-in presets picks the official settings for "
+                "the output size: give --size HxW or --resolution N (or name a run with "
+                "--scalecrafter-preset, or give --scalecrafter-config FILE.yaml / "
+                "--dilate-settings FILE)")
+        base = preset
+    elif args.scalecrafter_config:
         base = official.read_config(args.scalecrafter_config, args.scalecrafter_root)
     else:
         if args.dilate_tau is None:
@@ -115,7 +151,7 @@ def read_highres(args):
                               "--tau-steps (50) step run are re-dilated (the official configs "
                               "use 20-37 of 50)")
         base = official.OfficialConfig()
-    changes, files = {}, dict(base.files)
+    changes, files = {}, dict(base.files) if base is not None else {}
     readers = {"dilate_settings": official.read_dilate_settings,
                "ndcfg_dilate_settings": official.read_dilate_settings,
                "disperse_settings": official.read_disperse_settings}
@@ -126,7 +162,10 @@ def read_highres(args):
         if flag in readers:
             value, files[flag] = readers[flag](value), value
         changes[field] = value
-    if not args.scalecrafter_config:  # the settings files given here act within --dilate-tau
+    if base is None:  # the preset, known once the U-Net is: the files above are checked
+        return PRESET
+    if not (args.scalecrafter_config or uses_preset(args)):
+        # the settings files given here act within --dilate-tau
         if args.ndcfg_dilate_settings and args.ndcfg_tau is None:
             changes["ndcfg_tau"] = args.dilate_tau
         if args.disperse_settings and args.inflate_tau is None:
@@ -135,6 +174,43 @@ def read_highres(args):
         return dataclasses.replace(base, files=files, **changes)
     except ValueError as e:
         raise ConfigError(f"--highres scalecrafter: {e}") from e
+
+
+def highres_preset(args, unet_config, native: tuple[int, int], size, factor: int):
+    """The built-in preset for --highres scalecrafter (an OfficialConfig) and a line naming it:
+    --scalecrafter-preset's run, or the run of its family (default the U-Net's: SD 1.x, SD
+    2.x, SDXL base) for `size` (height, width) from the U-Net's own `native` size; `factor`:
+    the VAE's."""
+    import dataclasses
+
+    from ediffi_jax.config import ConfigError
+    from ediffi_jax.highres import official_presets as op
+
+    name = getattr(args, "scalecrafter_preset", None)
+    if name in op.PRESETS:
+        config = op.PRESETS[name]
+        if size:
+            config = dataclasses.replace(config, latent_size=(size[0] // factor,
+                                                              size[1] // factor))
+    else:
+        try:
+            family = name or op.unet_family(unet_config)
+        except ValueError as e:
+            raise ConfigError(f"--highres scalecrafter: {e} (--scalecrafter-preset "
+                              f"{' | '.join(op.FAMILIES)} | RUN chooses one, e.g. "
+                              f"{op.OFFICIAL[0]}; --scalecrafter-config / --dilate-settings "
+                              "give settings files)") from e
+        try:
+            name, config = op.preset_for(family, *size, native=native, vae_factor=factor)
+        except ValueError as e:
+            raise ConfigError(f"--highres scalecrafter: {e}") from e
+    h, w = (v * factor for v in config.latent_size)
+    height, width = op.run_size(name)
+    side = op.FAMILIES[op.run_family(name)][1]
+    origin = "the official run" if name in op.OFFICIAL else "an official run transposed"
+    return config, (f"ScaleCrafter preset {name} ({origin}: {height} high, {width} wide, from "
+                    f"{side}x{side}) for {h}x{w} from this U-Net's {native[0]}x{native[1]} "
+                    f"({h * w / (native[0] * native[1]):.3g}x the pixels)")
 
 
 def stage_name(directory: str, k: int, names: list[str]) -> str:
@@ -226,9 +302,13 @@ def run(args, overrides) -> int:
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
         cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
-        highres_plan = None
+        highres_plan = preset_line = None
         if highres is not None:
             last = pipes[-1]
+            if highres is PRESET:
+                preset, preset_line = highres_preset(args, last.unet.config, native_size(last),
+                                                     size, vae_factor(last))
+                highres = read_highres(args, preset)
             if size is None and highres.latent_size:  # the official config's output size
                 size = tuple(v * vae_factor(last) for v in highres.latent_size)
             highres_plan = highres.plan(conv3x3_levels(last.unet.config), last.schedule,
@@ -259,9 +339,15 @@ def run(args, overrides) -> int:
         names.append(stage_name(stage.pretrained, k, names))
     for stage, plan, (h, w) in zip(stages, plans, sizes):
         print(f"{stage.pretrained}: {h}x{w}, plan:\n{plan.describe()}")
+    if preset_line:
+        print(preset_line)
     if highres is not None:
-        print("ScaleCrafter: " + (f"re-dilation while sigma >= {highres_plan.sigma_tau:.4g}"
-                                  if highres_plan else "dilate_tau 0, direct sampling"))
+        taus = (f"dilate_tau {highres.dilate_tau}, ndcfg_tau {highres.ndcfg_tau}, inflate_tau "
+                f"{highres.inflate_tau} of {highres.num_inference_steps} steps, progressive "
+                f"{'on' if highres.progressive else 'off'}")
+        print("ScaleCrafter: " + (f"{taus}: re-dilation while sigma >= "
+                                  f"{highres_plan.sigma_tau:.4g}" if highres_plan
+                                  else "dilate_tau 0, direct sampling"))
     dirs = [args.out] if len(stages) == 1 else [os.path.join(args.out, n) for n in names]
     for d in dirs:
         os.makedirs(d, exist_ok=True)

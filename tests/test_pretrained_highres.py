@@ -2,7 +2,9 @@
 (highres/official.py): the file readers, step taus as sigmas of the checkpoint's schedule
 against an independent computation, layer names checked against the U-Net (closest-name
 errors; skip_missing for the official SDXL files' absent blocks), per-step plans on tiny_sd,
-and the command line."""
+the command line, and the built-in presets (official_presets.py) against the facts' tables,
+their choice by size and family, and the command line's default path."""
+import dataclasses
 import json
 import math
 import os
@@ -363,7 +365,11 @@ def test_command_line_samples_with_an_official_config(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--dilate-settings", "{d}", "--no-progressive"],
      "--dilate-settings, --progressive: only with --highres scalecrafter"),
-    (["--highres", "scalecrafter"], "needs --scalecrafter-config FILE.yaml"),
+    (["--highres", "scalecrafter"], "built-in presets .* give --size HxW or --resolution N"),
+    (["--highres", "scalecrafter", "--size", "32x32", "--scalecrafter-preset", "sd3"],
+     "--scalecrafter-preset 'sd3': not one of sd1, sd2, sdxl, sd1.5_1024x1024"),
+    (["--highres", "scalecrafter", "--scalecrafter-preset", "sd1", "--size", "24x24"],
+     "24x24 is 2.25x the pixels of the U-Net's own 16x16; .* sample this size directly"),
     (["--highres", "scalecrafter", "--dilate-settings", "{d}"], "needs --dilate-tau N"),
     (["--highres", "scalecrafter", "--dilate-settings", "{bad}", "--dilate-tau", "30"],
      "the closest is 'mid_block.resnets.0.conv1'"),
@@ -380,3 +386,209 @@ def test_command_line_bad_highres_input(tmp_path, capsys, extra, message):
     assert rc == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+# -- the built-in presets (highres/official_presets.py) -----------------------------------------
+
+PUBLISHED = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pretrained")
+
+
+def _unet_config(folder):
+    with open(os.path.join(folder, "unet", "config.json")) as f:
+        return diffusers_unet.DiffusersUNetConfig.from_hf(json.load(f))
+
+
+# scalecrafter-facts.md 1f, typed here: latent (height, width), dilate_tau, progressive,
+# ndcfg_tau of each official config (every one 50 steps, inflate_tau 0).
+FACTS_RUNS = {
+    "sd1.5_1024x1024": ((128, 128), 30, False, 0), "sd1.5_1280x1280": ((160, 160), 35, False, 0),
+    "sd1.5_2048x1024": ((128, 256), 35, True, 35), "sd1.5_2048x2048": ((256, 256), 35, True, 35),
+    "sd2.1_1024x1024": ((128, 128), 20, False, 0), "sd2.1_1280x1280": ((160, 160), 30, False, 0),
+    "sd2.1_2048x1024": ((128, 256), 37, True, 0), "sd2.1_2048x2048": ((256, 256), 37, True, 37),
+    "sdxl_2048x2048": ((256, 256), 30, False, 0), "sdxl_2560x2560": ((320, 320), 30, False, 0),
+    "sdxl_4096x2048": ((256, 512), 35, True, 35), "sdxl_4096x4096": ((512, 512), 35, True, 35),
+}
+# Its dilation per block: down_blocks.0-3, mid_block, up_blocks.0-3 (SDXL: 0-2, the effective
+# set), 0 not dilated, a block's downsampler / upsampler conv its block's value unless noted.
+_SD2, _SD25 = (0, 2, 2, 2, 2, 2, 2, 2, 0), (0, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, 0)
+_SD4, _SD21_4 = (0, 2, 3, 4, 4, 4, 3, 2, 0), (0, 0, 3, 4, 4, 4, 4, 3, 2)
+_SD15_NDCFG, _SD21_NDCFG = (0, 0, 3, 4, 4, 4, 3, 0, 0), (0, 0, 3, 4, 4, 4, 4, 3, 0)
+_XL_NDCFG = (0, 0, 0, 2, 2, 0, 0)
+FACTS_TABLES = {  # run: (dilation row, NDCFG row or None)
+    "sd1.5_1024x1024": (_SD2, None), "sd2.1_1024x1024": (_SD2, None),
+    "sd1.5_1280x1280": (_SD25, None), "sd2.1_1280x1280": (_SD25, None),
+    "sd1.5_2048x1024": (_SD4, _SD15_NDCFG), "sd1.5_2048x2048": (_SD4, _SD15_NDCFG),
+    "sd2.1_2048x1024": (_SD4, _SD21_NDCFG), "sd2.1_2048x2048": (_SD21_4, _SD21_NDCFG),
+    "sdxl_2048x2048": ((0, 0, 0, 2, 2, 0, 0), None), "sdxl_2560x2560": ((0, 0, 0, 2.5, 2.5, 0, 0), None),
+    "sdxl_4096x2048": ((0, 0, 3, 4, 4, 3, 2), _XL_NDCFG),
+    "sdxl_4096x4096": ((0, 0, 4, 4, 4, 3, 2), _XL_NDCFG),
+}
+FACTS_EXCEPTIONS = {("sd2.1_2048x2048", "dilation"), ("sd2.1_2048x2048", "ndcfg"),
+                    ("sd2.1_2048x1024", "ndcfg")}  # down_blocks.2's downsampler 4
+
+
+def _row_table(row, levels, exception):
+    """The facts' row as {conv: factor} over a U-Net's 3x3 convs (its conv3x3_levels)."""
+    n = (len(row) - 1) // 2
+    blocks = [f"down_blocks.{i}." for i in range(n)] + ["mid_block."] + [
+        f"up_blocks.{i}." for i in range(n)]
+    out = {}
+    for conv in levels:
+        for block, pf in zip(blocks, row):
+            if conv.startswith(block) and pf:
+                out[conv] = float(pf)
+    if exception:
+        out["down_blocks.2.downsamplers.0.conv"] = 4.0
+    return out
+
+
+def test_presets_are_the_facts_tables_on_real_convs():
+    """Every run's tables cover exactly the facts' blocks, every conv of each (the SD runs' on
+    SD 1.5's U-Net, the SDXL runs' on SDXL base's), and its taus are the facts' table; the
+    transposed runs are their wide run at the portrait latent; each plans without skip_missing."""
+    from ediffi_jax.highres import official_presets as op
+
+    levels = {"sd": diffusers_unet.conv3x3_levels(_unet_config(os.path.join(PUBLISHED, "sd15"))),
+              "sdxl": diffusers_unet.conv3x3_levels(
+                  _unet_config(os.path.join(PUBLISHED, "sdxl_base")))}
+    assert set(op.OFFICIAL) == set(FACTS_RUNS)
+    schedule = DiscreteSchedule.from_scheduler_config(SD15_SCHEDULER)
+    for name, config in op.PRESETS.items():
+        width, height = name.split("_")[1].split("x")
+        wide = name if name in op.OFFICIAL else f"{name.split('_')[0]}_{height}x{width}"
+        latent, dilate_tau, progressive, ndcfg_tau = FACTS_RUNS[wide]
+        assert config.latent_size == (latent if wide == name else latent[::-1]), name
+        assert (config.dilate_tau, config.progressive, config.ndcfg_tau) == (
+            dilate_tau, progressive, ndcfg_tau), name
+        assert (config.num_inference_steps, config.inflate_tau, config.disperse) == (50, 0, ())
+        conv_levels = levels["sdxl" if name.startswith("sdxl") else "sd"]
+        rows = FACTS_TABLES[wide]
+        assert config.dilation == _row_table(rows[0], conv_levels,
+                                             (wide, "dilation") in FACTS_EXCEPTIONS), name
+        assert config.ndcfg_dilation == (None if rows[1] is None else _row_table(
+            rows[1], conv_levels, (wide, "ndcfg") in FACTS_EXCEPTIONS)), name
+        assert set(config.dilation) | set(config.ndcfg_dilation or {}) <= set(conv_levels)
+        plan = config.plan(conv_levels, schedule, SD15_SCHEDULER)
+        assert plan.dilation == config.dilation
+    assert len(op.PRESETS["sd1.5_2048x2048"].dilation) == 39  # as the official file's lines
+    assert len(op.PRESETS["sd2.1_2048x2048"].dilation) == 40
+    assert len(op.PRESETS["sdxl_4096x4096"].dilation) == 28  # its 34 less the 6 SDXL lacks
+
+
+@pytest.mark.parametrize("family, size, kw, name, latent", [
+    # an official run's size is that run (H x W here, W x H in the names)
+    ("sd1", (1024, 1024), {}, "sd1.5_1024x1024", (128, 128)),
+    ("sd1", (1024, 2048), {}, "sd1.5_2048x1024", (128, 256)),
+    ("sd1", (2048, 1024), {}, "sd1.5_1024x2048", (256, 128)),
+    ("sd2", (2048, 2048), {}, "sd2.1_2048x2048", (256, 256)),
+    ("sd2", (1280, 1280), {}, "sd2.1_1280x1280", (160, 160)),
+    ("sdxl", (2048, 4096), {}, "sdxl_4096x2048", (256, 512)),
+    ("sdxl", (2560, 2560), {}, "sdxl_2560x2560", (320, 320)),
+    # other sizes: the closest pixel count, then aspect (issue #14's own example first)
+    ("sd1", (1344, 768), {}, "sd1.5_1024x1024", (168, 96)),
+    ("sd2", (1152, 1152), {}, "sd2.1_1280x1280", (144, 144)),
+    ("sd1", (1024, 1920), {}, "sd1.5_2048x1024", (128, 240)),
+    ("sd1", (1920, 1024), {}, "sd1.5_1024x2048", (240, 128)),
+    ("sd1", (4096, 4096), {}, "sd1.5_2048x2048", (512, 512)),
+    ("sdxl", (3584, 3584), {}, "sdxl_4096x4096", (448, 448)),
+    # relative to the U-Net's own size: SD 2.1 768-v at 2x its side is the 1024^2 run
+    ("sd2", (1536, 1536), {"native": 768}, "sd2.1_1024x1024", (192, 192)),
+    ("sd1", (32, 32), {"native": 16, "vae_factor": 2}, "sd1.5_1024x1024", (16, 16)),
+])
+def test_preset_for_a_size(family, size, kw, name, latent):
+    from ediffi_jax.highres import official_presets as op
+
+    got = op.preset_for(family, *size, **kw)
+    assert got.name == name and got.config.latent_size == latent
+    assert dataclasses.replace(got.config, latent_size=None) == dataclasses.replace(
+        op.PRESETS[name], latent_size=None)
+
+
+@pytest.mark.parametrize("family, size, kw, message", [
+    ("sd1", (960, 960), {}, r"960x960 is 3.52x the pixels of the U-Net's own 512x512; .*"
+     r"sd1.5_1024x1024.*sample this size directly"),
+    ("sdxl", (1024, 1792), {}, "the smallest built-in ScaleCrafter setting .sdxl_2048x2048"),
+    ("sd2", (1024, 1024), {"native": 768}, "1.78x the pixels of the U-Net's own 768x768"),
+    ("sd1", (1028, 1024), {}, "not a multiple of the VAE's factor 8"),
+    ("if", (1024, 1024), {}, "unknown ScaleCrafter preset family 'if'"),
+])
+def test_preset_for_what_it_cannot_take(family, size, kw, message):
+    from ediffi_jax.highres import official_presets as op
+
+    with pytest.raises(ValueError, match=message):
+        op.preset_for(family, *size, **kw)
+
+
+@pytest.mark.parametrize("folder, family", [
+    ("sd15", "sd1"), ("sd21", "sd2"), ("sdxl_base", "sdxl"),
+    ("sdxl_refiner", "not SDXL base .cross_attention_dim 1280"),
+    ("tiny_sd", "no built-in ScaleCrafter preset for this U-Net .cross_attention_dim 24"),
+    ("tiny_sdxl", "not SDXL base .cross_attention_dim 40"),
+    ("tiny_if", "a DeepFloyd IF U-Net"), ("tiny_if2", "a DeepFloyd IF U-Net"),
+])
+def test_unet_family(folder, family):
+    from ediffi_jax.highres import official_presets as op
+
+    path = os.path.join(PUBLISHED if folder[:4] != "tiny" else os.path.dirname(FIXTURE), folder)
+    config = _unet_config(path)
+    if family in op.FAMILIES:
+        assert op.unet_family(config) == family
+    else:
+        with pytest.raises(ValueError, match=family):
+            op.unet_family(config)
+
+
+def test_command_line_preset_for_a_published_unet():
+    """The default path on SD 1.5's published config (no weights needed): the family's run for
+    the output size, the flags over it as over a yaml."""
+    import argparse
+
+    from ediffi_jax.highres import official_presets as op
+    from sample.pretrained import PRESET, add_arguments, highres_preset, read_highres
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--highres")
+    p.add_argument("--resolution", type=int)
+    add_arguments(p)
+    args = p.parse_args(["--highres", "scalecrafter", "--size", "1024x2048", "--dilate-tau", "20",
+                         "--ndcfg-tau", "20"])
+    assert read_highres(args) == PRESET
+    preset, line = highres_preset(args, _unet_config(os.path.join(PUBLISHED, "sd15")),
+                                  (512, 512), (1024, 2048), 8)
+    assert line.startswith("ScaleCrafter preset sd1.5_2048x1024 (the official run: 1024 high, "
+                           "2048 wide, from 512x512) for 1024x2048")
+    config = read_highres(args, preset)
+    assert (config.dilate_tau, config.ndcfg_tau, config.latent_size) == (20, 20, (128, 256))
+    assert dataclasses.replace(config, dilate_tau=35, ndcfg_tau=35) == op.PRESETS[
+        "sd1.5_2048x1024"]
+
+
+def test_command_line_samples_with_a_preset(tmp_path, capsys):
+    """tiny_sd at 2x its side with the SD 1.5 presets (--scalecrafter-preset sd1: its own
+    cross_attention_dim is no family's): the 1024^2 run, whose names of SD 1.5's layout tiny_sd
+    (2 levels, 1 resnet per block) partly lacks: an error naming the closest, or with
+    --highres-skip-missing the rest, --dilate-tau over the preset's."""
+    from PIL import Image
+
+    from sample.__main__ import main
+
+    args = ["--pretrained", FIXTURE, "--prompt", "a red circle", "--num", "1", "--steps", "2",
+            "--highres", "scalecrafter", "--size", "32x32", "--out", str(tmp_path / "sc")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no built-in ScaleCrafter preset for this U-Net" in err and "--scalecrafter-preset" in err
+    assert main(args + ["--scalecrafter-preset", "sd1"]) == 2
+    assert re.search(r"preset sd1.5_1024x1024: 'down_blocks.1.resnets.1.conv1' is not a 3x3 "
+                     r"conv of this U-Net; the closest is 'down_blocks.1.resnets.0.conv1' .*"
+                     r"--highres-skip-missing", capsys.readouterr().err)
+    assert not (tmp_path / "sc").exists()
+    rc = main(args + ["--scalecrafter-preset", "sd1", "--highres-skip-missing",
+                      "--dilate-tau", "25"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert ("ScaleCrafter preset sd1.5_1024x1024 (the official run: 1024 high, 1024 wide, from "
+            "512x512) for 32x32 from this U-Net's 16x16 (4x the pixels)") in out.out
+    assert "ScaleCrafter: dilate_tau 25, ndcfg_tau 0" in out.out
+    assert "layers [d2 x15]" in out.out  # the 15 of the 39 names tiny_sd has, by 2
+    image = np.asarray(Image.open(tmp_path / "sc" / "0000_a_red_circle.png"))
+    assert image.shape == (32, 32, 3)

@@ -20,6 +20,9 @@ SDXL files name down_blocks.3, down_blocks.2.downsamplers.0 and up_blocks.2.upsa
 SDXL does not have, and the official code skips them silently). Combinations a HighResPlan
 cannot reproduce (NDCFG longer than, or progressive with a different tau from, re-dilation;
 dispersion together with NDCFG, which the official code also disperses) are errors too.
+
+official_presets.py holds every official config's settings built in (no copy of the official
+repository needed), with their choice by U-Net family and output size.
 """
 from __future__ import annotations
 
