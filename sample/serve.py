@@ -204,8 +204,11 @@ def load_studio(args):
         return PretrainedStudio(args.cascade, cascade=True, dtype=args.dtype,
                                 variant=args.variant, mesh=mesh)
     path = args.cascade or args.ensemble or DEFAULT_MODEL
+    if path == DEFAULT_MODEL and not os.path.exists(path):  # started outside the checkout
+        path = os.path.join(os.path.dirname(os.path.dirname(STATIC)), DEFAULT_MODEL)
     if not os.path.exists(path):
-        hint = " (make it with `make pretrained-paint`)" if path == DEFAULT_MODEL else ""
+        hint = (" (make it with `make pretrained-paint`)" if path.endswith(DEFAULT_MODEL)
+                else "")
         raise FileNotFoundError(f"{path} does not exist{hint}")
     stages = [n.strip() for n in (args.stages or "").split(",") if n.strip()]
     return ProjectStudio(path, stages, mesh=mesh)
