@@ -48,7 +48,7 @@ import time
 import numpy as np
 
 from benchmarks.expert_study import (CHILD_WARMUP, LOSS_IMAGES, Evaluator, evaluate,
-                                     heldout_loss, last_step, load_results)
+                                     heldout_loss, last_step, load_results, missing_data)
 
 CONFIG = "configs/expert_scaling.py"
 PLATEAU = 0.01  # the bar: held-out loss changes by less than this over the last quarter
@@ -363,11 +363,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.report:
-        for name in ("train", "test"):
-            if not os.path.exists(os.path.join(args.data, f"{name}.json")):
-                print(f"error: {args.data}/{name} is missing: run `python -m ediffi_jax.data."
-                      f"prepare fashion_mnist --resolution 16 --out {args.data}`", file=sys.stderr)
-                return 2
+        missing = missing_data(args.data, "--resolution 16 ")
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return 2
         os.makedirs(args.out, exist_ok=True)
         from ediffi_jax.parallel.host import configure_cpu_host
 

@@ -122,6 +122,15 @@ def samples_seen(launches, experts, layout: str, batch: int) -> int:
     return sum(counted.values()) * batch
 
 
+def missing_data(data: str, prepare: str = "") -> str | None:
+    """What is missing of the prepared Fashion-MNIST splits, with the command that makes them."""
+    for name in ("train", "test"):
+        if not os.path.exists(os.path.join(data, f"{name}.json")):
+            return (f"{data}/{name} is missing: run `python -m ediffi_jax.data.prepare "
+                    f"fashion_mnist {prepare}--out {data}`")
+    return None
+
+
 def last_step(workdir: str) -> int:
     """The newest checkpoint step of a run (0 if none)."""
     path = os.path.join(workdir, "checkpoints")
@@ -460,11 +469,10 @@ def main(argv=None) -> int:
     losses = os.path.join(args.out, "loss.jsonl")
     if not args.report:
         study_plan(args.out, args.steps, args.shared, args.level1)  # bad numbers fail first
-        for name in ("train", "test"):
-            if not os.path.exists(os.path.join(args.data, f"{name}.json")):
-                print(f"error: {args.data}/{name} is missing: run `python -m "
-                      f"ediffi_jax.data.prepare fashion_mnist --out {args.data}`", file=sys.stderr)
-                return 2
+        missing = missing_data(args.data)
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return 2
         os.makedirs(args.out, exist_ok=True)
         from ediffi_jax.parallel.host import configure_cpu_host
 
