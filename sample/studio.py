@@ -306,7 +306,7 @@ class ProjectStudio(Studio):
         from ediffi_jax.models.unet import attention_block_names
 
         self.sampler = pipeline.load(path, stages=stages or None, mesh=mesh)
-        is_cascade = os.path.isfile(path) and "stages" in json.load(open(path))
+        is_cascade = pipeline.is_cascade_file(path)
         self.source = ["--cascade" if is_cascade else "--ensemble", path]
         if stages:
             self.source += ["--stages", ",".join(stages)]
@@ -333,10 +333,7 @@ class ProjectStudio(Studio):
         from ediffi_jax.config import ConfigError
 
         first = self.sampler.stages[0]
-        # Per-expert guidance scales stay the model's unless the page changed the first one.
-        g = first.sampling.guidance_scale
-        scale = (r.guidance_scale if np.isscalar(g) or r.guidance_scale != self.defaults[
-            "guidance_scale"] else g)
+        scale = first.sampling.guidance_scale if self._keeps_expert_scales(r) else r.guidance_scale
         try:
             sampling = dataclasses.replace(first.sampling, num_steps=r.steps, sampler=r.sampler,
                                            guidance_scale=scale)
@@ -357,6 +354,11 @@ class ProjectStudio(Studio):
         except (ConfigError, ValueError) as e:
             raise RequestError(str(e)) from None
         return Checked(r, size, paint, plans, sampler)
+
+    def _keeps_expert_scales(self, r: Request) -> bool:
+        """Per-expert guidance scales stay the model's unless the page changed the first one."""
+        g = self.sampler.stages[0].sampling.guidance_scale
+        return not np.isscalar(g) and r.guidance_scale == self.defaults["guidance_scale"]
 
     def highres_for(self, side: int) -> str:
         """ScaleCrafter from its smallest factor past the native side, else direct sampling."""
@@ -380,8 +382,7 @@ class ProjectStudio(Studio):
         first = f"{self.stage_names[0]}." if self.is_cascade else ""
         args = [f"--config.{first}sampling.num_steps={r.steps}",
                 f"--config.{first}sampling.sampler={r.sampler}"]
-        g = self.sampler.stages[0].sampling.guidance_scale
-        if np.isscalar(g) or r.guidance_scale != self.defaults["guidance_scale"]:
+        if not self._keeps_expert_scales(r):
             args.append(f"--config.{first}sampling.guidance_scale={r.guidance_scale!r}")
         if r.sampler == "dpmpp_2m" and self.sampler.stages[0].sampling.s_churn:
             args.append(f"--config.{first}sampling.s_churn=0.0")
@@ -425,20 +426,16 @@ class PretrainedStudio(Studio):
 
     def _check(self, r: Request, size, paint) -> Checked:
         from ediffi_jax.config import ConfigError
-        from sample.pretrained import stage_plans, stage_sizes
+        from sample.pretrained import encode, stage_plans, stage_sizes
 
         try:
             sizes = stage_sizes(self.stages, self.pipes, size)
             plans = stage_plans(self.stages, self.pipes, r.steps, r.sampler, r.guidance_scale,
                                 "discrete", paint.settings if paint is not None else None)
-            prompts = [r.prompt] * r.num
             negative = [r.negative_prompt] * r.num if r.negative_prompt else None
-            cond = self.encoder.encode(prompts, negative, size=sizes[0])
-            if paint is not None:
-                import jax.numpy as jnp
-
-                masks = self.encoder.paint_masks([r.prompt], paint.masks, paint.scale)
-                cond = cond.replace(paint=jnp.asarray(np.repeat(masks, r.num, axis=0)))
+            masks = None if paint is None else np.repeat(
+                self.encoder.paint_masks([r.prompt], paint.masks, paint.scale), r.num, axis=0)
+            cond = encode(self.encoder, [r.prompt] * r.num, negative, masks, 0, r.num, sizes[0])
             self.cascade.check(cond)
         except (ConfigError, ValueError) as e:
             raise RequestError(str(e)) from None

@@ -21,7 +21,12 @@ from ediffi_jax.parallel.mesh import make_mesh
 from ediffi_jax.pipeline.cascade import CascadeSampler, Stage, load_stage, read_cascade
 from ediffi_jax.pipeline.generate import Paint
 
-__all__ = ["CascadeSampler", "Paint", "PaintSettings", "Stage", "load"]
+__all__ = ["CascadeSampler", "Paint", "PaintSettings", "Stage", "is_cascade_file", "load"]
+
+
+def is_cascade_file(path: str) -> bool:
+    """A cascade file ({"stages": [...]}), not an ensemble file, run or export."""
+    return os.path.isfile(path) and "stages" in (read_json(path, "the pipeline file") or {})
 
 
 def load(path: str, *, stages: Sequence[str] | None = None, overrides: Sequence[str] = (),
@@ -30,8 +35,7 @@ def load(path: str, *, stages: Sequence[str] | None = None, overrides: Sequence[
     them), or an ensemble file, a run's workdir or an export (one stage). `overrides` are
     `section.key=value` (or `stage.section.key=value` for one cascade stage) on the sampling and
     highres settings. `mesh` (default: every device on the data axis) shards each batch."""
-    is_cascade = os.path.isfile(path) and "stages" in (read_json(path, "the pipeline file") or {})
-    if is_cascade:
+    if is_cascade_file(path):
         chosen = read_cascade(path, list(stages or ()), overrides)
     else:
         if stages:

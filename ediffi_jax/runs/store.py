@@ -79,7 +79,7 @@ def write_merged_export(path: str, out: str, dtype: str = "float32",
     """One model from an ensemble's experts: their EMA weights averaged (equally, or weighted
     by each interval's share of the training noise mass), exported over the whole interval.
     The merge-back baseline of Decouple-Then-Merge: one network with the ensemble's compute."""
-    run, ensemble = load_ensemble(path)
+    _, ensemble = load_ensemble(path)
     if len(ensemble) < 2:
         raise ConfigError(f"{path} has one expert: nothing to merge")
     masses = [float(e.q_hi - e.q_lo) for e in ensemble.intervals]
