@@ -61,6 +61,9 @@ def add_arguments(p) -> None:
                    "(diffusers' clip_skip)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--variant", help="weights variant files, e.g. fp16")
+    g.add_argument("--vae-tile-rows", type=int, metavar="N", help="decode strip by strip, N "
+                   "latent rows a strip: the same images in device memory bounded by the strip "
+                   "(for 4096^2 outputs; default: one decode of the whole latent)")
     h = p.add_argument_group("--pretrained --highres scalecrafter (ScaleCrafter's settings)")
     h.add_argument("--scalecrafter-preset", metavar="NAME", help="built-in official settings: "
                    "a family (sd1, sd2, sdxl: the run for the output size) or a run ("
@@ -267,12 +270,12 @@ def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size
 def run(args, overrides) -> int:
     from ediffi_jax.config import ConfigError, parse_mesh, parse_size
     from ediffi_jax.encoders.hf import CheckpointError
-    from ediffi_jax.encoders.prompt import PromptEncoder
     from ediffi_jax.models.diffusers_unet import conv3x3_levels
     from ediffi_jax.parallel.mesh import make_mesh
     from ediffi_jax.pipeline.generate import StepProgress, to_uint8
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
                                                 load_pretrained, read_pretrained_cascade)
+    from ediffi_jax.pipeline.pretrained_experts import is_pretrained_experts, prompt_encoder
     from ediffi_jax.rng import check_seed
     from sample.__main__ import read_paint, write_batches
 
@@ -284,8 +287,13 @@ def run(args, overrides) -> int:
         if args.num < 1 or args.steps < 1 or args.batch < 0:
             raise ConfigError(f"--num and --steps must be >= 1 and --batch >= 0, got {args.num}, "
                               f"{args.steps} and {args.batch}")
+        if args.vae_tile_rows is not None and args.vae_tile_rows < 1:
+            raise ConfigError(f"--vae-tile-rows must be >= 1, got {args.vae_tile_rows}")
         stages = (read_pretrained_cascade(args.cascade) if args.cascade
                   else (PretrainedStage(args.pretrained),))
+        if len(stages) > 1 and any(is_pretrained_experts(s.pretrained) for s in stages):
+            raise ConfigError(f"{args.cascade}: an experts file as a stage of a cascade is "
+                              "not supported yet (sample it alone with --pretrained FILE)")
         prompts = [q for q in args.prompt for _ in range(args.num)]
         negative = args.negative_prompt  # None: "" (or zeros where the pipeline forces them)
         if negative is not None:
@@ -301,6 +309,8 @@ def run(args, overrides) -> int:
         mesh = make_mesh(parse_mesh(args.mesh))
         pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
+        for pipe in pipes:
+            pipe.vae_tile_rows = args.vae_tile_rows
         cascade = PretrainedCascade(pipes, [s.noise_level for s in stages])
         highres_plan = preset_line = None
         if highres is not None:
@@ -315,7 +325,7 @@ def run(args, overrides) -> int:
                                         last.scheduler_config,
                                         skip_missing=args.highres_skip_missing)
         sizes = stage_sizes(stages, pipes, size)
-        encoder = PromptEncoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
+        encoder = prompt_encoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
         # Paint-with-words: masks at the last stage's size, biasing every stage's
         # cross-attention; every prompt's phrases checked here.
         paint = read_paint(args, *sizes[-1])
@@ -354,7 +364,7 @@ def run(args, overrides) -> int:
     batches = range(0, len(prompts), batch)
     progress = StepProgress(sum(p.num_steps for p in plans) * len(batches))
     for pipe in pipes:
-        pipe.runner.progress = progress
+        pipe.set_progress(progress)
 
     def each_batch():
         for start in batches:

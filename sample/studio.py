@@ -400,16 +400,16 @@ class PretrainedStudio(Studio):
                  variant: str | None = None, mesh=None):
         import os
 
-        from ediffi_jax.encoders.prompt import PromptEncoder
         from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
                                                     load_pretrained, read_pretrained_cascade)
+        from ediffi_jax.pipeline.pretrained_experts import prompt_encoder
         from sample.pretrained import native_size, stage_name, vae_factor
 
         self.stages = read_pretrained_cascade(path) if cascade else (PretrainedStage(path),)
         self.pipes = [load_pretrained(s.pretrained, dtype=dtype, variant=variant, mesh=mesh)
                       for s in self.stages]
         self.cascade = PretrainedCascade(self.pipes, [s.noise_level for s in self.stages])
-        self.encoder = PromptEncoder(self.stages[0].pretrained, dtype)
+        self.encoder = prompt_encoder(self.stages[0].pretrained, dtype)
         self.source = ["--cascade" if cascade else "--pretrained", path]
         if dtype != "float32":
             self.source += ["--dtype", dtype]
@@ -446,14 +446,14 @@ class PretrainedStudio(Studio):
 
         cond, sizes = checked.call
         for k, pipe in enumerate(self.pipes):
-            pipe.runner.progress = self._reporter(checked, k, progress)
+            pipe.set_progress(self._reporter(checked, k, progress))
         try:
             *_, last = self.cascade.each_stage(checked.plans, cond, sizes=sizes,
                                                seed=checked.request.seed)
             return np.asarray(to_uint8(last))[:checked.request.num]
         finally:
             for pipe in self.pipes:
-                pipe.runner.progress = None
+                pipe.set_progress(None)
 
     def _setting_args(self, r: Request) -> list[str]:
         args = ["--steps", str(r.steps), "--sampler", r.sampler, "--guidance-scale",

@@ -29,7 +29,7 @@ DenoiseFn = Callable[[Any, jax.Array, jax.Array, Any, SegmentSettings], jax.Arra
 
 class SamplerState(NamedTuple):
     x: jax.Array
-    prev_denoised: jax.Array  # DPM-Solver++(2M)'s history; zeros for the other samplers
+    prev_denoised: jax.Array  # the previous step's (first) denoised image: DPM++(2M)'s history
 
 
 def example_keys(key: jax.Array, example_indices) -> jax.Array:
@@ -43,6 +43,13 @@ def _normal_per_example(keys, shape, salt):
 
 def initial_noise(keys, shape, sigma_max) -> jax.Array:
     return sigma_max * _normal_per_example(keys, shape, Stream.INITIAL_NOISE)
+
+
+def initial_state(x) -> SamplerState:
+    """A plan's first state: a fresh buffer (the loops donate their state, the caller keeps x)
+    and no history."""
+    x = jnp.array(x, jnp.float32, copy=True)
+    return SamplerState(x, jnp.zeros_like(x))
 
 
 def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
@@ -71,7 +78,8 @@ def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
         eps = _normal_per_example(jax.vmap(lambda k: jax.random.fold_in(k, Stream.CHURN))(keys),
                                   x.shape[1:], i)
         x = x + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * eps
-    d = (x - denoise(0, x, per_ex(sigma_hat))) / sigma_hat
+    denoised = denoise(0, x, per_ex(sigma_hat))
+    d = (x - denoised) / sigma_hat
     x_next = x + (sigma_next - sigma_hat) * d
     if settings.sampler == "heun":
 
@@ -80,7 +88,9 @@ def _step(settings, denoise, state, i, sigmas, gammas, s_noise, keys):
             return x + (sigma_next - sigma_hat) * 0.5 * (d + d2)
 
         x_next = jax.lax.cond(sigma_next > 0, correct, lambda x_next: x_next, x_next)
-    return SamplerState(x_next, prev)
+    # Kept as history, so a DPM-Solver++(2M) step after this one (a later expert's sampler)
+    # extrapolates from the previous step's denoised image as after one of its own.
+    return SamplerState(x_next, denoised)
 
 
 class PlanRunner:
@@ -180,14 +190,22 @@ class PlanRunner:
         """Integrate from x (already at sigma_max scale) through every segment of the plan.
         Guided segments need `cond.unconditional()` (and style-guided ones `cond.text_only()`):
         models.conditioning.Conditioning has both."""
-        self._steps_seen, self._num_steps = set(), plan.num_steps
-        # A fresh buffer: the loops donate their state, the caller keeps x.
-        x = jnp.array(x, jnp.float32, copy=True)
-        state = SamplerState(x, jnp.zeros_like(x))
+        self.start(plan)
+        state = initial_state(x)
         for seg in plan.segments:
-            state = self.loop(seg.settings)(
-                *self._segment_args(plan, seg, expert_params, state, cond, keys))
+            state = self.run_segment(plan, seg, expert_params, state, cond, keys)
         return state.x
+
+    def start(self, plan: Plan) -> None:
+        """Begin a plan: progress counts its steps afresh."""
+        self._steps_seen, self._num_steps = set(), plan.num_steps
+
+    def run_segment(self, plan: Plan, seg, expert_params: Sequence[Any], state: SamplerState,
+                    cond: Any, keys: jax.Array) -> SamplerState:
+        """One segment of a started plan from `state` (donated): the unit an ensemble of
+        different networks (pipeline/pretrained_experts.py) hands from runner to runner."""
+        return self.loop(seg.settings)(
+            *self._segment_args(plan, seg, expert_params, state, cond, keys))
 
     def sample(
         self,

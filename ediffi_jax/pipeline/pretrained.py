@@ -29,7 +29,7 @@ from ediffi_jax.diffusion.plan import Plan, build_plan
 from ediffi_jax.diffusion.sampling import PlanRunner, example_keys, initial_noise
 from ediffi_jax.encoders import hf
 from ediffi_jax.highres.plans import HighResPlan
-from ediffi_jax.models import diffusers_unet, vae as vae_lib
+from ediffi_jax.models import diffusers_unet, vae as vae_lib, vae_tiled
 from ediffi_jax.parallel.mesh import batch_sharding, logical_shardings
 from ediffi_jax.pipeline.denoise import diffusers_denoise_fn
 from ediffi_jax.rng import Stream, root, sampling_key
@@ -37,9 +37,11 @@ from ediffi_jax.rng import Stream, root, sampling_key
 WEIGHTS = "diffusion_pytorch_model"
 # model_index.json classes this port reads, by component; others are refused by name.
 PORTED = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",)}
-# Components a sampling run does not need (safety checker, watermarker, feature extractor...).
+# Components a sampling run does not need (safety checker, watermarker, feature extractor...)
+# and flags the prompt encoder reads itself (encoders/prompt.py).
 NOT_NEEDED = ("safety_checker", "feature_extractor", "watermarker", "image_encoder",
-              "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
+              "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker",
+              "requires_aesthetics_score")
 SCHEDULES = ("discrete", "karras")
 
 
@@ -113,6 +115,9 @@ class PretrainedPipeline:
     # scheduler_config.json as written: the official ScaleCrafter configs count steps of a
     # DDIM run, whose spacing defaults differ from the schedule's (highres/official.py).
     scheduler_config: dict | None = None
+    # Decode strip by strip, this many latent rows a strip (models/vae_tiled.py: the same
+    # images, device memory bounded by the strip, for 4096^2 outputs); None: one jitted decode.
+    vae_tile_rows: int | None = None
 
     def __post_init__(self):
         self.runner = PlanRunner(diffusers_denoise_fn(self.unet, self.schedule), mesh=self.mesh,
@@ -184,12 +189,33 @@ class PretrainedPipeline:
 
     def denoise(self, plan: Plan, cond, x) -> jax.Array:
         """Integrate x (at plan.sigmas[0]'s scale, NHWC latents) through the plan."""
-        return self.runner.run(plan, [self.unet_params], cond, None, x)
+        return self.integrate(plan, cond, None, x)
+
+    def integrate(self, plan: Plan, cond, keys, x) -> jax.Array:
+        return self.runner.run(plan, [self.unet_params], cond, keys, x)
+
+    def set_progress(self, progress) -> None:
+        """progress(step, num_steps) as each step runs (PlanRunner.progress), None: off."""
+        self.runner.progress = progress
+
+    def check_cond(self, cond) -> None:
+        """The U-Net reads the conditioning's token width."""
+        width = cond.context.shape[-1]
+        if self.unet.config.context_dim != width:
+            raise ValueError(f"{self.directory}: its U-Net reads "
+                             f"{self.unet.config.context_dim}-wide text tokens, the prompts "
+                             f"were encoded {width} wide")
 
     def decode(self, latents) -> jax.Array:
-        """Latents -> images NHWC in about [-1, 1] (the VAE's scaling and shift undone)."""
+        """Latents -> images NHWC in about [-1, 1] (the VAE's scaling and shift undone); with
+        vae_tile_rows, a numpy array from the strip-by-strip decode."""
         if self.vae is None:
             return latents
+        if self.vae_tile_rows is not None:
+            config = self.vae.config
+            return vae_tiled.decode_tiled(config, self.vae_params,
+                                          vae_lib.from_latents(config, latents),
+                                          rows=self.vae_tile_rows, dtype=self.vae.dtype)
         if self._decode is None:
             config = self.vae.config
             self._decode = jax.jit(lambda p, z: self.vae.apply(
@@ -222,7 +248,7 @@ class PretrainedPipeline:
         # here starts where diffusers' would (sqrt(sigma_max^2 + 1) for leading spacing).
         sigma0 = self.schedule.init_noise_sigma(np.asarray(plan.sigmas), _solver(plan.segments[0].settings.sampler))
         x = initial_noise(keys, (h // scale, w // scale, self.latent_channels), sigma0)
-        return self.decode(self.runner.run(plan, [self.unet_params], cond, keys, x))
+        return self.decode(self.integrate(plan, cond, keys, x))
 
 
 def batch_multiple(mesh) -> int:
@@ -311,12 +337,8 @@ class PretrainedCascade:
 
     def check(self, cond) -> None:
         """Each U-Net reads the conditioning's token width."""
-        width = cond.context.shape[-1]
         for pipe in self.pipes:
-            if pipe.unet.config.context_dim != width:
-                raise ValueError(f"{pipe.directory}: its U-Net reads "
-                                 f"{pipe.unet.config.context_dim}-wide text tokens, the prompts "
-                                 f"were encoded {width} wide")
+            pipe.check_cond(cond)
 
     def each_stage(self, plans, cond, *, sizes, seed: int = 0, first_index: int = 0):
         """Yields each stage's images [N, H, W, 3] in [-1, 1] (numpy) as it finishes, for a
@@ -369,7 +391,13 @@ def _solver(sampler: str) -> str:
 def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | None = None,
                     mesh=None) -> PretrainedPipeline:
     """A pipeline folder (model_index.json) or a single U-Net folder (config.json of a
-    UNet2DConditionModel, with a scheduler_config.json beside it or in ../scheduler)."""
+    UNet2DConditionModel, with a scheduler_config.json beside it or in ../scheduler), or an
+    experts file of such folders (pipeline/pretrained_experts.py)."""
+    from ediffi_jax.pipeline import pretrained_experts
+
+    if pretrained_experts.is_pretrained_experts(directory):
+        return pretrained_experts.load_pretrained_experts(directory, dtype=dtype,
+                                                          variant=variant, mesh=mesh)
     if os.path.isfile(os.path.join(directory, "model_index.json")):
         components = read_pipeline(directory)
         unet_dir = os.path.join(directory, "unet")
