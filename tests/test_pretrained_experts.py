@@ -116,7 +116,7 @@ def test_a_dpm_step_after_an_euler_step_extrapolates_from_its_denoised():
     after it is second order: on an analytic denoiser of a point mass at x0, whose every
     step lands on the exact solution, the switch keeps it exact."""
     from ediffi_jax.diffusion.plan import build_plan
-    from ediffi_jax.diffusion.sampling import PlanRunner
+    from ediffi_jax.diffusion.sampling import PlanRunner, initial_state
 
     x0 = jnp.full((1, 2, 2, 1), 0.7)
     runner = PlanRunner(lambda params, x, sigma, cond, settings: x0 + 0 * x)
@@ -129,9 +129,7 @@ def test_a_dpm_step_after_an_euler_step_extrapolates_from_its_denoised():
     x = jnp.full((1, 2, 2, 1), 0.7 + 4.0 * 0.3)
     out = runner.run(plan, [None], None, None, x)
     np.testing.assert_allclose(np.asarray(out), 0.7, atol=1e-6)
-    state = runner.run_segment(plan, segs[0], [None], __import__(
-        "ediffi_jax.diffusion.sampling", fromlist=["initial_state"]).initial_state(x), None,
-        None)
+    state = runner.run_segment(plan, segs[0], [None], initial_state(x), None, None)
     np.testing.assert_allclose(np.asarray(state.prev_denoised), 0.7)
 
 
