@@ -193,8 +193,10 @@ class PretrainedExperts(PretrainedPipeline):
                                  "mix")
         top, decoder = pipes[-1], (decoders[0] if decoders else None)
         return cls(path, top.unet, top.unet_params, top.schedule,
-                   decoder.vae if decoder else None, decoder.vae_params if decoder else None,
-                   top.mesh, top.noising_schedule, top.scheduler_config, pipes, specs)
+                   vae=decoder.vae if decoder else None,
+                   vae_params=decoder.vae_params if decoder else None, mesh=top.mesh,
+                   noising_schedule=top.noising_schedule,
+                   scheduler_config=top.scheduler_config, experts=pipes, specs=specs)
 
     @property
     def progress(self):
