@@ -2,12 +2,14 @@
 at a size above the U-Net's own.
 
     python -m benchmarks.highres_fid --pretrained DIR --prompts PROMPTS.txt --reference IMAGES
-        --size HxW [--num N] [--methods direct,scalecrafter] [--steps 50] [--sampler euler]
+        --size HxW [--num N] [--methods direct,scalecrafter,attn-sf] [--steps 50] [--sampler euler]
         [--guidance-scale 7.5] [--batch 8] [--seed 0] [--weights default_1.pt]
         [--out runs/highres_fid] [--crops 1] [--mesh=-1,1,1] [--dtype float32]
         [--scalecrafter-preset sd2 | --scalecrafter-config FILE.yaml | --dilate-settings ...]
 
-Image i of every method comes from prompt i (PROMPTS.txt: one a line) and example i of the
+Methods: direct sampling at --size, ScaleCrafter, and the paper's Attn-SF baseline (every
+self-attention's logits rescaled to keep its entropy at the larger token count; Jin et al.
+2023). Image i of every method comes from prompt i (PROMPTS.txt: one a line) and example i of the
 seed, so the methods differ in their sampling alone. The base set is image i sampled directly
 at the U-Net's own size. Metrics (ScaleCrafter, ICLR 2024, with clean-fid's FID and KID):
 
@@ -45,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-METHODS = ("direct", "scalecrafter")
+METHODS = ("direct", "scalecrafter", "attn-sf")
 BASE = "base"
 Features = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 299, 299, 3] -> float [N, D]
 
@@ -331,6 +333,8 @@ def prepare(args, features: Features | None, log) -> Job:
                           "each once")
     given = [f"--{k.replace('_', '-')}" for k in HIGHRES_FLAGS if getattr(args, k) is not None
              and (k != "highres_skip_missing" or args.highres_skip_missing)]
+    if getattr(args, "attention_entropy", False):
+        raise ConfigError("--attention-entropy: give --methods attn-sf here")
     if given and "scalecrafter" not in methods:
         raise ConfigError(f"{', '.join(given)}: only with --methods including scalecrafter")
     check_seed(args.seed, "--seed")
@@ -381,6 +385,12 @@ def prepare(args, features: Features | None, log) -> Job:
         sizes[method] = size
         if method == "direct":
             plans[method] = plan()
+            continue
+        if method == "attn-sf":  # the paper's other baseline: self-attention entropy kept
+            plans[method] = pipe.plan(
+                args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                schedule=args.schedule,
+                attention_area_ratio=size[0] * size[1] / (native[0] * native[1]))
             continue
         if highres is PRESET:
             preset, line = highres_preset(args, pipe.unet.config, native, size, vae)

@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     from ediffi_jax.rng import check_seed
 
     try:
+        if args.attention_entropy:
+            raise ConfigError("--attention-entropy: a --pretrained option (the project's "
+                              "models sample larger sizes with --highres scalecrafter)")
         if args.num < 1 or args.batch < 0:
             raise ConfigError(f"--num must be >= 1 and --batch >= 0, got --num {args.num} and "
                               f"--batch {args.batch}")

@@ -64,6 +64,9 @@ def add_arguments(p) -> None:
     g.add_argument("--vae-tile-rows", type=int, metavar="N", help="decode strip by strip, N "
                    "latent rows a strip: the same images in device memory bounded by the strip "
                    "(for 4096^2 outputs; default: one decode of the whole latent)")
+    g.add_argument("--attention-entropy", action="store_true", help="past the U-Net's own "
+                   "size: rescale self-attention logits to keep their entropy (Attn-SF, Jin "
+                   "et al. 2023; ScaleCrafter's baseline), on the last stage")
     h = p.add_argument_group("--pretrained --highres scalecrafter (ScaleCrafter's settings)")
     h.add_argument("--scalecrafter-preset", metavar="NAME", help="built-in official settings: "
                    "a family (sd1, sd2, sdxl: the run for the output size) or a run ("
@@ -247,14 +250,17 @@ def stage_sizes(stages, pipes, size=None) -> list[tuple[int, int]]:
 
 
 def stage_plans(stages, pipes, steps: int, sampler: str, guidance_scale: float, schedule: str,
-                paint=None, highres=None) -> list:
+                paint=None, highres=None, attention_area_ratio=None) -> list:
     """Each stage's plan: its own steps / sampler / guidance_scale / schedule from the cascade
-    file where it sets them, else these; highres (a HighResPlan) for the last stage."""
+    file where it sets them, else these; highres (a HighResPlan) and the attention entropy
+    scaling for the last stage."""
+    last = len(stages) - 1
     return [pipe.plan(stage.steps or steps, sampler=stage.sampler or sampler,
                       guidance_scale=(guidance_scale if stage.guidance_scale is None
                                       else stage.guidance_scale),
                       schedule=stage.schedule or schedule, paint=paint,
-                      highres=highres if k == len(stages) - 1 else None)
+                      highres=highres if k == last else None,
+                      attention_area_ratio=attention_area_ratio if k == last else None)
             for k, (stage, pipe) in enumerate(zip(stages, pipes))]
 
 
@@ -333,9 +339,16 @@ def run(args, overrides) -> int:
         if paint is not None:
             paint_masks = np.repeat(encoder.paint_masks(args.prompt, paint.masks, paint.scale),
                                     args.num, axis=0)
+        ratio = None
+        if args.attention_entropy:
+            (h, w), (h0, w0) = sizes[-1], native_size(pipes[-1])
+            if h * w <= h0 * w0:
+                raise ConfigError(f"--attention-entropy: {h}x{w} is not past the U-Net's own "
+                                  f"{h0}x{w0}")
+            ratio = h * w / (h0 * w0)
         plans = stage_plans(stages, pipes, args.steps, args.sampler, args.guidance_scale,
                             args.schedule, paint.settings if paint is not None else None,
-                            highres_plan)
+                            highres_plan, ratio)
         batch = args.batch or len(prompts)
         batch += -batch % cascade.batch_multiple  # whole batches on every device
         # Every input checked before any sampling: the first batch's prompts encode here.

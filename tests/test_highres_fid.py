@@ -110,7 +110,7 @@ def arguments(inputs, out, *extra):
 SCALECRAFTER = ["--size", "32x32", "--scalecrafter-preset", "sd1", "--highres-skip-missing"]
 
 
-def test_benchmark_measures_both_methods_and_resumes_without_resampling(inputs, tmp_path, capsys):
+def test_benchmark_measures_every_method_and_resumes_without_resampling(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     args = arguments(inputs, out, *SCALECRAFTER)
     assert highres_fid.main(args, features=block_features) == 0, capsys.readouterr().err
@@ -119,14 +119,15 @@ def test_benchmark_measures_both_methods_and_resumes_without_resampling(inputs, 
     assert re.search(r"\| scalecrafter \| 32x32 \| [\d.]+ \|", printed)
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
-    assert set(metrics) == {"base", "direct", "scalecrafter"}
+    assert set(metrics) == {"base", "direct", "scalecrafter", "attn-sf"}
     assert set(metrics["base"]) == {"fid_r", "kid_r", "kid_std_r"}
-    for method in ("direct", "scalecrafter"):
+    for method in ("direct", "scalecrafter", "attn-sf"):
         assert set(metrics[method]) == {f"{m}_{s}" for m in ("fid", "kid", "kid_std")
                                         for s in "rbc"}
     assert all(np.isfinite(v) for row in metrics.values() for v in row.values())
     assert results["size"] == [32, 32] and results["base_size"] == [16, 16]
     assert "d2" in results["settings"]["scalecrafter"]["plan"]  # re-dilated steps
+    assert "attention entropy x4" in results["settings"]["attn-sf"]["plan"]
     direct, scaled = ([np.asarray(Image.open(out / m / f"{i:05d}.png")) for i in range(4)]
                       for m in ("direct", "scalecrafter"))
     assert direct[0].shape == (32, 32, 3)
@@ -134,10 +135,10 @@ def test_benchmark_measures_both_methods_and_resumes_without_resampling(inputs, 
     assert np.abs(np.stack(direct).astype(int) - np.stack(scaled)).max() > 2
 
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".png", ".npz")}
-    assert len(written) == 12 + 4  # 3 sets of 4 images; features of them and the reference
+    assert len(written) == 16 + 5  # 4 sets of 4 images; features of them and the reference
     assert highres_fid.main(args, features=block_features) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert printed.count("4 of 4 images there") == 3 and "sampling" not in printed
+    assert printed.count("4 of 4 images there") == 4 and "sampling" not in printed
     assert {p: p.stat().st_mtime_ns for p in written} == written
     assert json.loads((out / "results.json").read_text())["metrics"] == metrics
 

@@ -592,3 +592,22 @@ def test_command_line_samples_with_a_preset(tmp_path, capsys):
     assert "layers [d2 x15]" in out.out  # the 15 of the 39 names tiny_sd has, by 2
     image = np.asarray(Image.open(tmp_path / "sc" / "0000_a_red_circle.png"))
     assert image.shape == (32, 32, 3)
+
+
+def test_command_line_attention_entropy_scaling(tmp_path, capsys):
+    """--attention-entropy past the native size: every step's self-attention rescaled for 4x
+    the tokens (the plan says so) and the image moves; at the native size it is an error."""
+    from PIL import Image
+
+    from sample.__main__ import main
+
+    args = ["--pretrained", FIXTURE, "--prompt", "a red circle", "--num", "1", "--steps", "2",
+            "--size", "32x32"]
+    assert main(args + ["--attention-entropy", "--out", str(tmp_path / "sf")]) == 0
+    assert "attention entropy x4" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "direct")]) == 0
+    got, direct = (np.asarray(Image.open(tmp_path / d / "0000_a_red_circle.png")).astype(int)
+                   for d in ("sf", "direct"))
+    assert np.abs(got - direct).max() > 0
+    rc = main(args[:-1] + ["16x16", "--attention-entropy", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "is not past the U-Net's own 16x16" in capsys.readouterr().err

@@ -21,9 +21,9 @@ from ediffi_jax.pipeline.pretrained import load_component
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "scalecrafter")
 SETTINGS = json.load(open(os.path.join(FIXTURE, "settings.json")))
 # The undilated U-Net's output at each step (the official forward with no settings).
-PLAIN = {case["step"]: name for name, case in SETTINGS["cases"].items()
-         if not case["dilate_settings"]}
-CASES = [name for name in SETTINGS["cases"] if name not in PLAIN.values()]
+REDILATED = {name: case for name, case in SETTINGS["cases"].items() if "dilate_settings" in case}
+PLAIN = {case["step"]: name for name, case in REDILATED.items() if not case["dilate_settings"]}
+CASES = [name for name in REDILATED if name not in PLAIN.values()]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def unet():
         os.path.join(FIXTURE, "io.npz"))
 
 
-def run(unet, timestep, conv_settings=None):
+def run(unet, timestep, conv_settings=None, **kw):
     _, model, params, io = unet
     return np.asarray(model.apply(
         {"params": params}, jnp.asarray(io["sample"].transpose(0, 2, 3, 1)),
         jnp.full((io["sample"].shape[0],), float(timestep)),
-        jnp.asarray(io["encoder_hidden_states"]), conv_settings=conv_settings))
+        jnp.asarray(io["encoder_hidden_states"]), conv_settings=conv_settings, **kw))
 
 
 def want(unet, name):
@@ -89,3 +89,15 @@ def test_redilated_forward_matches_the_official_processor(unet, name):
     # The re-dilation changes the output (so this comparison can fail).
     plain = want(unet, PLAIN[case["step"]])
     assert np.abs(reference - plain).max() > 1e-2 and np.abs(out - plain).max() > 1e-2
+
+
+def test_attention_entropy_scaling_matches_the_official_processor(unet):
+    """ScaleCrafter's ScaledAttnProcessor (the paper's Attn-SF baseline) on every attention,
+    given pixel counts (4x the area): self-attention logits x sqrt(log N / log(N / 4)), the
+    cross-attention untouched; and a ratio of 1 is the plain forward."""
+    case = SETTINGS["cases"]["attn_sf"]
+    got = run(unet, case["timestep"], attention_area_ratio=case["area_ratio"])
+    np.testing.assert_allclose(got, want(unet, "attn_sf"), atol=1e-4)
+    assert np.abs(want(unet, "attn_sf") - want(unet, "plain")).max() > 1e-3
+    np.testing.assert_allclose(run(unet, case["timestep"], attention_area_ratio=1.0),
+                               want(unet, "plain"), atol=1e-4)

@@ -15,8 +15,10 @@ settings.json (per case: the official settings table `module name: factor` as th
 settings files write it, dilate_tau, progressive, the step index i, the timestep t_i of the
 official 50-step DDIM run, the factor each module got at that step) and io.npz (sample NCHW,
 encoder_hidden_states, output_<case> for every case; "plain" and "plain_i13" are the
-undilated U-Net at steps 0 and 13). The U-Net runs at twice its config's sample_size
-(non-square, so H and W rounding are both exercised). Deterministic and offline.
+undilated U-Net at steps 0 and 13; "attn_sf" is step 0 with the official ScaledAttnProcessor
+on every attention, given pixel counts as the official reference script does). The U-Net runs
+at twice its config's sample_size (non-square, so H and W rounding are both exercised).
+Deterministic and offline.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def cases() -> dict[str, dict]:
 
 
 def load_official(directory: str):
-    """ReDilateConvProcessor from the official model.py in `directory`."""
+    """The official model.py in `directory` (ReDilateConvProcessor, ScaledAttnProcessor)."""
     path = os.path.join(directory, "model.py")
     if not os.path.isfile(path):
         raise SystemExit(f"--official {directory}: no model.py there (extract it from the "
@@ -114,7 +116,7 @@ def load_official(directory: str):
     spec = importlib.util.spec_from_file_location("scalecrafter_official_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.ReDilateConvProcessor
+    return module
 
 
 def official_step(unet, processor, case, args):
@@ -150,7 +152,8 @@ def main():
                         help="a directory holding the official ScaleCrafter model.py")
     parser.add_argument("--out", default="tests/fixtures/scalecrafter")
     args = parser.parse_args()
-    processor = load_official(args.official)
+    official = load_official(args.official)
+    processor = official.ReDilateConvProcessor
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET).eval()
@@ -172,6 +175,20 @@ def main():
         table[name] = dict(case, timestep=int(t), factors_used=used)
         print(f"{name}: step {case['step']} t={int(t)} |out| max {out.abs().max():.3f}, "
               f"{len(used)} convs re-dilated")
+
+    # Attn-SF: every attention through the official ScaledAttnProcessor around the classic
+    # processor (which honours attn.scale), test / train pixels as its reference script passes.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor({name: official.ScaledAttnProcessor(
+        AttnProcessor(), test_res=h * w, train_res=h * w // 4) for name in unet.attn_processors})
+    with torch.no_grad():
+        io["output_attn_sf"] = unet(sample, torch.full((BATCH,), float(scheduler.timesteps[0])),
+                                    context).sample.numpy()
+    unet.set_attn_processor(AttnProcessor())
+    table["attn_sf"] = dict(step=0, timestep=int(scheduler.timesteps[0]), area_ratio=4.0)
+    print(f"attn_sf: |out - plain| max "
+          f"{np.abs(io['output_attn_sf'] - io['output_plain']).max():.4f}")
 
     if os.path.isdir(args.out):
         for entry in ("config.json", "diffusion_pytorch_model.safetensors", "io.npz",

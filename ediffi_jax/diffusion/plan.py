@@ -40,6 +40,9 @@ class SegmentSettings:
     uncond_layers: tuple | None = None
     paint: Any = None  # paint-with-words settings (paint/bias.py PaintSettings) or None
     style_cfg: bool = False  # a separate guidance scale for the style (CLIP image) condition
+    # The sampled image's pixels over the training size's: self-attention logits rescaled to
+    # keep their entropy (ScaleCrafter's Attn-SF baseline; diffusers U-Nets), None: off.
+    attention_area_ratio: float | None = None
 
     def summary(self) -> str:
         """One line: sampler, guidance, churn, and per-layer overrides counted by setting."""
@@ -60,6 +63,8 @@ class SegmentSettings:
             parts.append(f"paint-with-words ({self.paint.weight})")
         if self.style_cfg:
             parts.append("style cfg")
+        if self.attention_area_ratio is not None:
+            parts.append(f"attention entropy x{self.attention_area_ratio:g}")
         return " ".join(parts)
 
 
@@ -135,6 +140,7 @@ def build_plan(
     uncond_layer_settings: Callable[[int, float], tuple | None] | None = None,
     paint: Any = None,
     style_guidance_scale: float | None = None,
+    attention_area_ratio: float | None = None,
 ) -> Plan:
     """Turn a sigma schedule and an expert layout into segments.
 
@@ -148,6 +154,8 @@ def build_plan(
     style_guidance_scale: a separate scale for the style condition (the CLIP image embedding):
       D = D(none) + w (D(text) - D(none)) + w_style (D(text, style) - D(text)), three branches
       in one batched call; None guides text and style together with w.
+    attention_area_ratio: output pixels / training pixels for every step's self-attention
+      entropy scaling (SegmentSettings.attention_area_ratio), None: off.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -165,6 +173,8 @@ def build_plan(
         raise ValueError(
             f"guidance_scale has {len(scales)} entries but there are {len(intervals)} experts"
         )
+    if attention_area_ratio is not None and not attention_area_ratio > 0:
+        raise ValueError(f"attention_area_ratio must be > 0, got {attention_area_ratio}")
     if sampler == "dpmpp_2m" and s_churn > 0:
         raise ValueError("s_churn applies to euler/heun; dpmpp_2m is deterministic here")
     gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
@@ -182,6 +192,7 @@ def build_plan(
             layers=tuple(layer_settings(i, float(sigmas[i]))) if layer_settings else (),
             paint=paint,
             style_cfg=style_guidance_scale is not None and scale != 1.0,
+            attention_area_ratio=attention_area_ratio,
         )
         mild = uncond_layer_settings(i, float(sigmas[i])) if uncond_layer_settings else None
         if mild is not None and settings.style_cfg:

@@ -393,7 +393,7 @@ class AddedKVAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, key_mask, bias_fn):
+    def __call__(self, x, context, key_mask, bias_fn, area_ratio=None):
         b, hh, ww, c = x.shape
         if self.cross_norm == "group_norm":
             context = GroupNorm(self.dtype, 1e-5, 32, name="norm_cross")(context)
@@ -428,15 +428,26 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, key_mask=None, bias_fn=None):
+    def __call__(self, x, context=None, key_mask=None, bias_fn=None, scale_factor=1.0):
         c = x.shape[-1]
         context = x if context is None else context
         proj = lambda name, t: Dense(c, names=("embed", "heads"), use_bias=False,  # noqa: E731
                                      dtype=self.dtype, name=name)(t)
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, c // self.heads))  # noqa: E731
         q, k, v = split(proj("to_q", x)), split(proj("to_k", context)), split(proj("to_v", context))
-        o = attention(q, k, v, key_mask=key_mask, bias_fn=bias_fn).reshape(x.shape)
+        scale = scale_factor / math.sqrt(c // self.heads)
+        o = attention(q, k, v, key_mask=key_mask, bias_fn=bias_fn, scale=scale).reshape(x.shape)
         return Dense(c, names=("heads", "embed"), dtype=self.dtype, name="to_out.0")(o)
+
+
+def entropy_scale(tokens: int, area_ratio: float | None) -> float:
+    """The factor on a self-attention's logits that keeps its entropy at `area_ratio` times
+    the training size's tokens: sqrt(log N / log N_train), N_train = N / area_ratio (Jin et
+    al. 2023; ScaleCrafter's ScaledAttnProcessor as its reference script passes pixel counts).
+    1 where there is nothing to keep (no ratio, N_train <= 1)."""
+    if area_ratio is None or tokens / area_ratio <= 1:
+        return 1.0
+    return math.sqrt(math.log(tokens) / math.log(tokens / area_ratio))
 
 
 class FeedForward(nn.Module):
@@ -462,9 +473,10 @@ class BasicTransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, key_mask, bias_fn):
+    def __call__(self, x, context, key_mask, bias_fn, area_ratio=None):
         norm = lambda name, t: _layer_norm(name, t, self.dtype)  # noqa: E731
-        x = x + Attention(self.heads, self.dtype, name="attn1")(norm("norm1", x))
+        x = x + Attention(self.heads, self.dtype, name="attn1")(
+            norm("norm1", x), scale_factor=entropy_scale(x.shape[1], area_ratio))
         x = x + Attention(self.heads, self.dtype, name="attn2")(
             norm("norm2", x), context, key_mask, bias_fn)
         return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3", x))
@@ -481,7 +493,7 @@ class Transformer2DModel(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, key_mask, bias_fn):
+    def __call__(self, x, context, key_mask, bias_fn, area_ratio=None):
         b, hh, ww, c = x.shape
         proj = ((lambda name: Dense(c, dtype=self.dtype, name=name)) if self.linear_projection
                 else (lambda name: Conv(c, 1, dtype=self.dtype, name=name)))
@@ -489,7 +501,7 @@ class Transformer2DModel(nn.Module):
         h = proj("proj_in")(h).reshape(b, hh * ww, c)
         for i in range(self.depth):
             h = BasicTransformerBlock(self.heads, self.dtype, name=f"transformer_blocks.{i}")(
-                h, context, key_mask, bias_fn)
+                h, context, key_mask, bias_fn, area_ratio)
         return x.astype(self.dtype) + proj("proj_out")(h.reshape(b, hh, ww, c))
 
 
@@ -526,7 +538,8 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h, temb, context, key_mask, skips, conv_settings, cross_attention_bias):
+    def __call__(self, h, temb, context, key_mask, skips, conv_settings, cross_attention_bias,
+                 area_ratio=None):
         cfg, i = self.config, self.index
         chans = cfg.block_out_channels
         if self.kind == "mid":
@@ -559,14 +572,13 @@ class Block(nn.Module):
             bias = (cross_attention_bias(f"{_path(self)}/{name}")
                     if cross_attention_bias is not None else None)
             bias_fn = None if bias is None else bias(key_mask, h.shape[1], h.shape[2])
-            if simple:
-                block = AddedKVAttention(features // head_dim, cfg.norm_num_groups,
-                                         cfg.cross_attention_norm, cross_only, self.dtype,
-                                         name=name)
-            else:
-                block = Transformer2DModel(heads, depths[j], cfg.norm_num_groups,
-                                           cfg.use_linear_projection, self.dtype, name=name)
-            return block(h, context, key_mask, bias_fn)
+            if simple:  # its keys hold the text's too: not rescaled, as the official code
+                return AddedKVAttention(features // head_dim, cfg.norm_num_groups,
+                                        cfg.cross_attention_norm, cross_only, self.dtype,
+                                        name=name)(h, context, key_mask, bias_fn)
+            return Transformer2DModel(heads, depths[j], cfg.norm_num_groups,
+                                      cfg.use_linear_projection, self.dtype, name=name)(
+                h, context, key_mask, bias_fn, area_ratio)
 
         if self.kind == "mid":
             h = resnet("resnets.0", h)
@@ -610,6 +622,8 @@ class DiffusersUNet(nn.Module):
     "text_time"); class_labels [B]: a timestep-embedded class (class_embed_type "timestep").
     encoder_attention_mask [B, L]: 1 where attention may look (None: everywhere).
     conv_settings: static ConvSettings by diffusers conv name or layer path.
+    attention_area_ratio: the sampled image's pixels over the training size's: self-attention
+    logits are scaled to keep their entropy (entropy_scale; ScaleCrafter's Attn-SF baseline).
     """
 
     config: DiffusersUNetConfig
@@ -619,7 +633,8 @@ class DiffusersUNet(nn.Module):
     def __call__(self, sample, timestep, encoder_hidden_states, *, encoder_attention_mask=None,
                  text_embeds=None, time_ids=None, class_labels=None,
                  conv_settings: ConvSettings | None = None,
-                 cross_attention_bias: CrossAttentionBias | None = None):
+                 cross_attention_bias: CrossAttentionBias | None = None,
+                 attention_area_ratio: float | None = None):
         cfg, dtype = self.config, self.dtype
         b, height, width, _ = sample.shape
         f = cfg.downsample_factor
@@ -673,14 +688,14 @@ class DiffusersUNet(nn.Module):
         args = (temb, context, encoder_attention_mask)
         for i in range(cfg.levels):
             h, out = Block(cfg, "down", i, dtype, name=f"down_blocks.{i}")(
-                h, *args, None, conv_settings, cross_attention_bias)
+                h, *args, None, conv_settings, cross_attention_bias, attention_area_ratio)
             skips += out
         if cfg.mid_block_type is not None:
             h, _ = Block(cfg, "mid", 0, dtype, name="mid_block")(
-                h, *args, None, conv_settings, cross_attention_bias)
+                h, *args, None, conv_settings, cross_attention_bias, attention_area_ratio)
         for i in range(cfg.levels):
             h, _ = Block(cfg, "up", i, dtype, name=f"up_blocks.{i}")(
-                h, *args, skips, conv_settings, cross_attention_bias)
+                h, *args, skips, conv_settings, cross_attention_bias, attention_area_ratio)
         h = ACTIVATIONS[cfg.act_fn](
             GroupNorm(dtype, cfg.norm_eps, cfg.norm_num_groups, name="conv_norm_out")(h))
         out = Conv(cfg.out_channels, cfg.conv_out_kernel, dtype=dtype, name="conv_out")(

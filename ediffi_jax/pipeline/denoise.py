@@ -19,6 +19,9 @@ def unet_denoise_fn(unet: UNet):
     carries token masks, the paint-with-words bias at this sigma."""
 
     def denoise_fn(params, x, sigma, cond, settings: SegmentSettings):
+        if settings.attention_area_ratio is not None:
+            raise ValueError("attention entropy scaling is a diffusers U-Net option; the "
+                             "project's U-Net scales to other sizes with its highres settings")
         conv_settings = dict(settings.layers)
         if conv_settings:
             check_conv_settings(params, conv_settings)
@@ -61,7 +64,8 @@ def diffusers_denoise_fn(unet, schedule):
                 {"params": params}, x_in, t, cond.context,
                 encoder_attention_mask=cond.context_mask, text_embeds=cond.pooled,
                 time_ids=cond.time_ids, class_labels=cond.noise_level,
-                conv_settings=conv_settings, cross_attention_bias=bias)
+                conv_settings=conv_settings, cross_attention_bias=bias,
+                attention_area_ratio=settings.attention_area_ratio)
 
         return discrete.vp_denoise(network, x, sigma, schedule)
 
