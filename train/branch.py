@@ -9,10 +9,19 @@ lie inside the parent's interval. `--complement-of` trains the one model owning 
 listed nodes do not (the paper's M_C). The child starts from the parent's latest params and EMA
 with a fresh optimizer, inherits the parent's config, and trains only on sigmas of its interval.
 Then `python -m train.ensemble` assembles experts into one ensemble that sampling loads.
+
+    python -m train.branch --pretrained stable-diffusion-v1-5 --node 1/0 --workdir runs/sd-E1_0 \
+        --config.data.name=records --config.data.path=data/... [--config.train.steps=...]
+
+`--pretrained DIR` grows the expert from a diffusers checkpoint instead (training/pretrained.py):
+its U-Net fine-tuned on timesteps [q_lo T, q_hi T) of the node, its own loss; `python -m
+train.export` then writes it as a pipeline folder for an experts file
+(pipeline/pretrained_experts.py) beside its parent.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ediffi_jax.config import split_overrides
@@ -36,7 +45,9 @@ def main(argv=None) -> int:
     overrides, rest = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m train.branch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parent", required=True, help="the parent run's workdir")
+    parent = p.add_mutually_exclusive_group(required=True)
+    parent.add_argument("--parent", help="the parent run's workdir")
+    parent.add_argument("--pretrained", metavar="DIR", help="a diffusers pipeline folder")
     p.add_argument("--workdir", required=True, help="the child run's workdir")
     p.add_argument("--node", help="L/I: the tree node E^L_I")
     p.add_argument("--complement-of", nargs="+", metavar="L/I")
@@ -66,6 +77,21 @@ def main(argv=None) -> int:
         for item in overrides:
             if item.startswith("--config.distributed."):
                 apply_override(launch, item)
+        if args.pretrained:
+            from ediffi_jax.training.pretrained import finetune_config, train_pretrained
+
+            if not os.path.isdir(args.pretrained):
+                raise ConfigError(f"--pretrained {args.pretrained}: no such folder")
+            config = finetune_config(args.pretrained, (child.q_lo, child.q_hi),
+                                     f"{os.path.basename(os.path.normpath(args.pretrained))}"
+                                     f"-{child.name}")
+            config.distributed = launch.distributed
+            for item in overrides:
+                apply_override(config, item)
+            config.lock()
+            train_pretrained(config, args.workdir, changes=args.change,
+                             restart_if_unreadable=args.restart_if_unreadable)
+            return 0
         initialize(section(DistributedConfig, launch.distributed, "distributed"))
         config = run_config(args.parent)
         parent_lo, parent_hi = (Fraction(q) for q in parse_run(config).train.sigma_quantiles)

@@ -7,7 +7,8 @@ The directory holds `config.json` (the run's config, as saved in its checkpoint)
 metadata). It is what a run is without its optimizer and input-pipeline state: a model to share
 or ship. Everything that takes a run's workdir (`train.branch --parent`, `train.ensemble`,
 `sample --ensemble`) takes an export too; a child branched from one starts with params = EMA =
-the exported weights.
+the exported weights. A pretrained fine-tune (`train.branch --pretrained`) exports as a
+diffusers pipeline folder instead (training/pretrained.py export_pretrained).
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def main(argv=None) -> int:
     from ediffi_jax.config import ConfigError
 
     try:
+        from ediffi_jax.runs.store import run_config
+
+        if "pretrained" in run_config(args.workdir):  # a fine-tuned diffusers checkpoint
+            from ediffi_jax.training.pretrained import export_pretrained
+
+            out = export_pretrained(args.workdir, args.out, args.dtype, args.step)
+            print(f"wrote {out}: the expert's U-Net, the parent's other components linked")
+            return 0
         write_export(args.workdir, args.out, args.dtype, args.step)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

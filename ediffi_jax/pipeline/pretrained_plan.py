@@ -33,8 +33,7 @@ from ediffi_jax.parallel.mesh import (batch_sharding, logical_shardings, make_me
 from ediffi_jax.pipeline.pretrained import read_component_config, read_json_file
 from ediffi_jax.runs.checkpoint import abstract_like
 from ediffi_jax.training.dry_run import GIB, _devices, _per_device_bytes, cost_of
-from ediffi_jax.training.step import (TrainConfig, all_finite, apply_update, init_state,
-                                      make_optimizer, state_shardings)
+from ediffi_jax.training.step import TrainConfig, init_state, make_optimizer, state_shardings
 
 TEXT_TOWERS = ("text_encoder", "text_encoder_2")
 TOKENS = 77  # every one of these pipelines pads its prompts to 77 tokens
@@ -286,42 +285,36 @@ def _schedule(layout) -> tuple[discrete.DiscreteSchedule, bool]:
     return discrete.DiscreteSchedule(), False
 
 
-def _plan_finetune(layout, unet, unet_cfg, unet_boxed, shape, batch, mesh) -> FineTune:
-    """The U-Net's full fine-tune step: its own discrete-time loss (epsilon / v / x0 target at
-    uniform timesteps), AdamW, EMA, skipped non-finite updates, state donated; frozen
-    encoders and VAE are not resident (latents and embeddings precomputed, as
-    train.precompute does)."""
+def _plan_finetune(layout, unet, unet_cfg, unet_boxed, shape, batch, mesh) -> FineTune | None:
+    """The U-Net's full fine-tune step as train.branch --pretrained runs it
+    (training/pretrained.py: its own discrete-time loss, AdamW, EMA, skipped non-finite
+    updates, state donated); the frozen encoders and VAE run outside the step and are not
+    counted here. None for a super-resolution stage, which that fine-tune does not train."""
+    from ediffi_jax.models.conditioning import PromptConditioning
+    from ediffi_jax.training.pretrained import DiscreteModel, discrete_loss
+    from ediffi_jax.training.trainer import jit_train_step
+
     schedule, learned_variance = _schedule(layout)
+    noisy = unet_cfg.out_channels // 2 if learned_variance else unet_cfg.out_channels
+    if shape[-1] > noisy:  # IF stage II: its input holds the low-res image
+        return None
     tcfg = TrainConfig(batch_size=batch, ema_warmup=False)
     optimizer = make_optimizer(tcfg)
     abstract = nn.meta.unbox(unet_boxed)
     state_sh = state_shardings(optimizer, abstract, logical_shardings(unet_boxed, mesh), mesh)
     state = abstract_like(jax.eval_shape(lambda p: init_state(p, optimizer), abstract), state_sh)
     (_, _, context), added = _unet_inputs(unet_cfg, batch, shape, mesh)
-    # The noisy image's channels; IF-II's input adds the upsampled low-res image's.
-    noisy = unet_cfg.out_channels // 2 if learned_variance else unet_cfg.out_channels
-    image = lambda c: _input((batch, shape[0], shape[1], c), jnp.float32, mesh)  # noqa: E731
-    batch_tree = {"x0": image(noisy), "noise": image(noisy),
-                  "t": _input((batch,), jnp.int32, mesh), "context": context, "added": added}
-    if shape[-1] > noisy:
-        batch_tree["lowres"] = image(shape[-1] - noisy)
-
-    def step(state, b):
-        def loss(params):
-            x_t, target = discrete.vp_training_pair(schedule, b["x0"], b["noise"], b["t"])
-            if "lowres" in b:
-                x_t = jnp.concatenate([x_t, b["lowres"]], axis=-1)
-            out = unet.apply({"params": params}, x_t, b["t"], b["context"], **b["added"])
-            return jnp.mean((out[..., :noisy].astype(jnp.float32) - target) ** 2)
-
-        value, grads = jax.value_and_grad(loss)(state.params)
-        finite = jnp.isfinite(value) & all_finite(grads)
-        return apply_update(state, grads, finite, cfg=tcfg, optimizer=optimizer), value
-
-    replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(with_activation_rules(step, mesh), donate_argnums=0,
-                     out_shardings=(state_sh, replicated))
-    lowered = jitted.lower(state, batch_tree)
+    mask = _input(context.shape[:2], jnp.float32, mesh)
+    cond = PromptConditioning(context=context, context_mask=mask, negative_context=context,
+                              negative_mask=mask, pooled=added.get("text_embeds"),
+                              negative_pooled=added.get("text_embeds"),
+                              time_ids=added.get("time_ids"))
+    batch_tree = {"x0": _input((batch, *shape[:2], noisy), jnp.float32, mesh),
+                  "index": _input((batch,), jnp.int32, mesh), "cond": cond}
+    model = DiscreteModel(unet, schedule, noisy, unet_cfg.encoder_hid_dim_type == "text_proj")
+    lowered = jit_train_step(model, tcfg, optimizer, state_sh, mesh, loss=discrete_loss).lower(
+        state, batch_tree, jax.ShapeDtypeStruct((2,), jnp.float32,
+                                                sharding=NamedSharding(mesh, P())))
     mem = _compile(lowered, mesh).memory_analysis()
     parts = dict(params_bytes=_per_device_bytes(state.params),
                  optimizer_bytes=_per_device_bytes(state.opt_state),

@@ -202,14 +202,16 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def compute_grads(params, batch, dropout_key, interval, *, unet: UNet, cfg: TrainConfig):
+def compute_grads(params, batch, dropout_key, interval, *, unet: UNet, cfg: TrainConfig,
+                  loss=loss_fn):
     """Mean loss and gradients over cfg.grad_accum microbatches (a scan: one microbatch of
-    activations alive at a time). Returns (loss, per_example_loss, sigma, grads).
+    activations alive at a time). Returns (loss, per_example_loss, sigma, grads). `loss`:
+    loss_fn's signature and outputs (training/pretrained.py's discrete-time loss plugs in).
 
     Microbatch m takes examples m, m + A, m + 2A, ... (A = grad_accum): the batch is sharded in
     contiguous blocks, so strided microbatches keep every device busy with 1/A of its block,
     where contiguous slices would put each microbatch on 1/A of the devices and save no memory."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     if cfg.grad_accum == 1:
         (loss, (per_example, sigma)), grads = grad_fn(params, unet, cfg, batch, dropout_key,
                                                       interval)
@@ -254,12 +256,12 @@ def apply_update(state: TrainState, grads, finite, *, cfg: TrainConfig,
 
 
 def train_step(state: TrainState, batch, interval, *, unet: UNet, cfg: TrainConfig,
-               optimizer: optax.GradientTransformation):
+               optimizer: optax.GradientTransformation, loss=loss_fn):
     """One optimizer step on sigmas from `interval` (cfg.sigma_interval()); an update with a
     non-finite loss or gradient is skipped and counted. Returns (state, metrics)."""
     loss, per_example, sigma, grads = compute_grads(state.params, batch,
                                                     dropout_key(cfg.seed, state.step), interval,
-                                                    unet=unet, cfg=cfg)
+                                                    unet=unet, cfg=cfg, loss=loss)
     finite = jnp.isfinite(loss) & all_finite(grads)
     state = apply_update(state, grads, finite, cfg=cfg, optimizer=optimizer)
     metrics = {

@@ -9,11 +9,12 @@ same randomness, so an interrupted run continues exactly as an uninterrupted one
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -183,18 +184,62 @@ def train(config, workdir: str, *, changes: Sequence[str] = (), restart_if_unrea
                              restart_if_unreadable, log)
 
 
-def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, changes,
-                  restart_if_unreadable: bool, log) -> TrainState:
+@dataclasses.dataclass
+class Family:
+    """What the training loop needs of a model family (the project's U-Net; a diffusers
+    checkpoint's, training/pretrained.py): its input batches (`iterator`, whose state each
+    checkpoint saves, and `batches.next()` -> device arrays), the boxed abstract params (the
+    shardings), `fresh(param_sh) -> (params, ema or None, origin)` for a run with no
+    checkpoint, `step(optimizer, state_sh)` -> the jitted (state, batch, interval) ->
+    (state, metrics) step with the trainer's metrics, and `interval` (its data argument)."""
+
+    name: str
+    iterator: object
+    batches: object
+    abstract_boxed: object
+    fresh: Callable
+    step: Callable
+    interval: object
+
+
+def project_family(run: RunSpec, source, mesh) -> Family:
+    """The project's U-Net on its EDM loss: records or shapes, captions encoded per batch (or
+    precomputed), a fresh init or a branched parent's params and EMA."""
     tcfg, model = run.train, run.stage.model
     stage = stage_transform(run, source)
     unpack, encoder = conditioning_source(run, source)
     pipeline = make_pipeline(source, global_batch_size=tcfg.batch_size, seed=tcfg.seed,
                              transform=[t for t in (unpack, stage) if t is not None])
     iterator = iter(pipeline)
-    unet = UNet(model)
-    optimizer = make_optimizer(tcfg)
     boxed = lambda: boxed_init(model, stream(tcfg.seed, Stream.PARAMS))  # noqa: E731
-    abstract_boxed = jax.eval_shape(boxed)
+
+    def fresh(param_sh):
+        if tcfg.init_from:  # a branched expert: the parent's params and EMA, a fresh optimizer
+            params, ema, parent_step = load_params(tcfg.init_from, param_sh)
+            return params, ema, (f"{tcfg.init_from} (step {parent_step}) on sigma quantiles "
+                                 f"{tcfg.sigma_quantiles}")
+        return sharded_init(boxed, mesh)[0], None, "scratch"
+
+    return Family(run.stage.name, iterator, _Batches(iterator, encoder, mesh),
+                  jax.eval_shape(boxed), fresh,
+                  lambda optimizer, state_sh: jit_train_step(UNet(model), tcfg, optimizer,
+                                                             state_sh, mesh),
+                  tcfg.sigma_interval())
+
+
+def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, changes,
+                  restart_if_unreadable: bool, log) -> TrainState:
+    return train_family(project_family(run, source, mesh), run.train, config_json, workdir,
+                        mesh, changes, restart_if_unreadable, log)
+
+
+def train_family(family: Family, tcfg, config_json: dict, workdir: str, mesh, changes,
+                 restart_if_unreadable: bool, log) -> TrainState:
+    """The loop every family trains with: restore or start, jitted donated steps, metrics,
+    checkpoints (state + input position), non-finite stops; its caller holds the lock."""
+    iterator = family.iterator
+    optimizer = make_optimizer(tcfg)
+    abstract_boxed = family.abstract_boxed
     abstract_params = nn.meta.unbox(abstract_boxed)
     param_sh = logical_shardings(abstract_boxed, mesh)
     state_sh = state_shardings(optimizer, abstract_params, param_sh, mesh)
@@ -228,20 +273,15 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
                 "not start over on its own. To train it again from scratch in this workdir, "
                 "pass --restart-if-unreadable")
         iterator.set_state(scratch_iterator)  # a failed restore may have moved it
-        if tcfg.init_from:  # a branched expert: the parent's params and EMA, a fresh optimizer
-            params, ema, parent_step = load_params(tcfg.init_from, param_sh)
-            origin = (f"{tcfg.init_from} (step {parent_step}) on sigma quantiles "
-                      f"{tcfg.sigma_quantiles}")
-        else:
-            (params, _), ema, origin = sharded_init(boxed, mesh), None, "scratch"
+        params, ema, origin = family.fresh(param_sh)
         state = jax.jit(functools.partial(init_state, optimizer=optimizer),
                         out_shardings=state_sh)(params)
         if ema is not None:
             state = state.replace(ema_params=ema)
         start = 0
-        log(f"starting {run.stage.name} from {origin} in {workdir}")
+        log(f"starting {family.name} from {origin} in {workdir}")
     else:
-        log(f"resumed {run.stage.name} from step {start} in {workdir}")
+        log(f"resumed {family.name} from step {start} in {workdir}")
 
     primary = jax.process_index() == 0  # multi-host: one process writes the shared run's logs
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -252,9 +292,9 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
             log(f"dropped {dropped} logged rows past step {start} (they are trained again)")
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jit_train_step(unet, tcfg, optimizer, state_sh, mesh)
-    interval = jax.device_put(tcfg.sigma_interval(), replicated)
-    batches = _Batches(iterator, encoder, mesh)
+    step_fn = family.step(optimizer, state_sh)
+    interval = jax.device_put(family.interval, replicated)
+    batches = family.batches
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
     pending: list[tuple[int, dict]] = []
     logged_loss: dict[int, float] = {}
@@ -346,7 +386,7 @@ def _train_locked(run: RunSpec, config_json: dict, workdir: str, mesh, source, c
     return state
 
 
-def jit_train_step(unet: UNet, tcfg, optimizer, state_sh, mesh, batch_shardings=None):
+def jit_train_step(unet, tcfg, optimizer, state_sh, mesh, batch_shardings=None, loss=None):
     """The trainer's jitted step (the dry run compiles the same): state donated, metrics
     replicated (every process can fetch them; multi-host: no process sees the whole
     batch-sharded per-example losses otherwise), traced inside the mesh's activation rules so
@@ -354,7 +394,8 @@ def jit_train_step(unet: UNet, tcfg, optimizer, state_sh, mesh, batch_shardings=
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         with_activation_rules(
-            functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer), mesh),
+            functools.partial(train_step, unet=unet, cfg=tcfg, optimizer=optimizer,
+                              **({} if loss is None else {"loss": loss})), mesh),
         in_shardings=(state_sh, batch_shardings, replicated), donate_argnums=0,
         out_shardings=(state_sh, replicated),
     )
