@@ -68,7 +68,7 @@ def test_train_step_and_lowres_use_their_streams(monkeypatch):
     cfg = TrainConfig(seed=5, batch_size=2, noise_aug_sigma=(0.01, 0.4))
     seen = []
 
-    def fake_grads(params, batch, key, interval, *, unet, cfg):
+    def fake_grads(params, batch, key, interval, *, unet, cfg, loss):
         seen.append(key)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return jnp.float32(0), jnp.zeros(2), jnp.ones(2), zeros
