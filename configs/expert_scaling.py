@@ -1,6 +1,7 @@
 """The expert-scaling study's capacity-bound model: Fashion-MNIST with class captions at 16x16
-and a U-Net small enough (16 channels, two levels) that on a CPU it reaches a plateau of its
-held-out loss, the regime where eDiff-I's experts branch from their shared model
+and a U-Net small enough (8 channels, two levels; 16 channels in the first seed-0 run of
+docs/EXPERIMENTS.md, which had not plateaued at 8000 steps) to approach a plateau of its
+held-out loss on a CPU, the regime where eDiff-I's experts branch from their shared model
 (benchmarks/expert_scaling.py runs the study; the results are in docs/EXPERIMENTS.md).
 
     python -m ediffi_jax.data.prepare fashion_mnist --resolution 16 --out data/fashion16
@@ -17,7 +18,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.name = "scaling"
     c.model = ml_collections.ConfigDict(dict(
-        resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+        resolution=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
         attention_resolutions=(8,), attention_head_dim=16, context_dim=32, t5_dim=32,
         t5_length=16, clip_dim=32, clip_length=16, clip_pooled_dim=32, clip_image_dim=32,
         dtype="float32",

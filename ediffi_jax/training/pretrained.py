@@ -222,11 +222,10 @@ def export_pretrained(workdir: str, out: str, dtype: str = "float32",
     layout (runs/diffusers_export.py) and every other component of the parent folder linked
     (relative symlinks: the text encoders and VAE are the frozen parent's), with
     ediffi_expert.json naming the parent and the interval. Atomic: built beside `out`,
-    renamed into place, an existing `out` replaced only on success."""
+    renamed into place (ediffi_jax/atomic.py), an existing `out` replaced only on success."""
     import json
-    import shutil
-    import tempfile
 
+    from ediffi_jax.atomic import atomic_directory
     from ediffi_jax.pipeline.pretrained import read_json_file
     from ediffi_jax.runs.diffusers_export import write_diffusers_unet
     from ediffi_jax.runs.store import load_params, run_config
@@ -239,23 +238,15 @@ def export_pretrained(workdir: str, out: str, dtype: str = "float32",
         raise ConfigError(f"{workdir}'s parent {parent} is no longer a pipeline folder")
     _, ema, step = load_params(workdir, step=step)
     out = os.path.abspath(out)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", dir=os.path.dirname(out))
-    try:
+    unet_config = read_json_file(os.path.join(parent, "unet", "config.json"),
+                                 "the parent's U-Net config")
+    with atomic_directory(out) as tmp:
         for entry in os.listdir(parent):
-            if entry not in ("unet", EXPERT_FILE):
-                # relative to `out` (tmp's sibling, renamed into place)
+            if entry not in ("unet", EXPERT_FILE):  # relative to `out`, tmp's sibling
                 os.symlink(os.path.relpath(os.path.join(parent, entry), out),
                            os.path.join(tmp, entry))
-        unet_config = read_json_file(os.path.join(parent, "unet", "config.json"),
-                                     "the parent's U-Net config")
         write_diffusers_unet(os.path.join(tmp, "unet"), unet_config, jax.device_get(ema), dtype)
         with open(os.path.join(tmp, EXPERT_FILE), "w") as f:
             json.dump({"parent": parent, "quantiles": list(config.train.sigma_quantiles),
                        "step": int(step), "workdir": os.path.abspath(workdir)}, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
