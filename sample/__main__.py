@@ -25,6 +25,13 @@ ediffi_jax/highres/plans.py) past the size the stage was made for.
 Paint-with-words: --paint takes a colour-map PNG and --paint-words a JSON mapping its colours to
 "phrase,strength" (or "background"); --paint-mask gives one phrase's mask PNG (repeatable).
 Every prompt must contain every phrase. Each sample is saved with a *_masks.png beside it.
+With --pretrained also: negative phrases, painted regions pushed away from phrases of the
+--negative-prompt (required; they bias CFG's negative branch): --negative-paint-words maps
+colours of the --paint colour map to them (colours it does not name get none),
+--negative-paint-mask "phrase=mask.png[:strength]" (repeatable); and --paint-layout FILE.json,
+one layout per --prompt in order (instead of --paint / --paint-mask / --negative-paint-*):
+[{"paint": "a.png", "words": "a.json", "masks": {"phrase": "m.png:1.0"}, "negative_words":
+{...}, "negative_masks": {...}}, ...], paths relative to the file (ediffi_jax/paint/masks.py).
 """
 from __future__ import annotations
 
@@ -67,6 +74,13 @@ def main(argv=None) -> int:
     p.add_argument("--paint", help="paint-with-words colour map (PNG)")
     p.add_argument("--paint-words", help="JSON: colour -> 'phrase,strength' (with --paint)")
     p.add_argument("--paint-mask", action="append", default=[], metavar="PHRASE=PNG[:STRENGTH]")
+    p.add_argument("--negative-paint-words", metavar="JSON", help="--pretrained: colour of the "
+                   "--paint map -> 'phrase,strength' of the --negative-prompt")
+    p.add_argument("--negative-paint-mask", action="append", default=[],
+                   metavar="PHRASE=PNG[:STRENGTH]", help="--pretrained: a --negative-prompt "
+                   "phrase's region (repeatable)")
+    p.add_argument("--paint-layout", metavar="FILE.json", help="--pretrained: one paint layout "
+                   "per --prompt, in order (see above)")
     p.add_argument("--paint-scale", type=float, default=1.0, help="global paint strength w'")
     p.add_argument("--paint-weight", default="std", help="max (the paper), std or std_sq")
     p.add_argument("--paint-layers", default="", help="comma-separated attention blocks (all)")
@@ -219,25 +233,73 @@ def write_grids(dirs, images, columns: int) -> str:
     return "; ".join(said)
 
 
-def read_paint(args, height: int, width: int | None = None):
-    """The paint-with-words inputs of the command line, at the output size (or None)."""
-    width = height if width is None else width
-    from ediffi_jax.paint.bias import PaintSettings
-    from ediffi_jax.paint.masks import PaintError, from_color_map, from_mask_specs, read_words
-    from ediffi_jax.pipeline.generate import Paint
+# Paint flags the project's own models do not take (their conditioning has no negative
+# prompt, and Paint gives every prompt one layout).
+PRETRAINED_PAINT = ("negative_paint_words", "negative_paint_mask", "paint_layout")
+LAYOUT_FLAGS = ("paint", "paint_words", "paint_mask") + PRETRAINED_PAINT[:2]
 
-    if bool(args.paint) != bool(args.paint_words):
-        raise PaintError("--paint (a colour map) and --paint-words (its JSON) go together")
+
+def _flags(args, names) -> list[str]:
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None)]
+
+
+def paint_settings(args):
+    """The static paint-with-words settings of the command line, checked."""
+    from ediffi_jax.paint.bias import PaintSettings
+    from ediffi_jax.paint.masks import PaintError
+
     if not np.isfinite(args.paint_scale):
         raise PaintError(f"--paint-scale must be a finite number, got {args.paint_scale}")
-    masks = []
-    if args.paint:
-        masks += from_color_map(args.paint, read_words(args.paint_words), height, width)
-    masks += from_mask_specs(args.paint_mask, height, width)
-    if not masks:
-        return None
     layers = tuple(n.strip() for n in args.paint_layers.split(",") if n.strip())
-    return Paint(tuple(masks), args.paint_scale, PaintSettings(args.paint_weight, layers))
+    return PaintSettings(args.paint_weight, layers)
+
+
+def read_layouts(args, height: int, width: int, prompts: int):
+    """One paint Layout per --prompt at the output size: --paint-layout's, or the one of the
+    --paint / --paint-mask / --negative-paint-* flags for every prompt; None unpainted."""
+    from ediffi_jax.paint.masks import (Layout, PaintError, from_color_map, from_mask_specs,
+                                        read_layouts as read_layout_file, read_words)
+
+    if args.paint_layout:
+        given = _flags(args, LAYOUT_FLAGS)
+        if given:
+            raise PaintError(f"--paint-layout gives each prompt its layout: not with "
+                             f"{', '.join(given)}")
+        layouts = read_layout_file(args.paint_layout, height, width)
+        if len(layouts) != prompts:
+            raise PaintError(f"--paint-layout {args.paint_layout}: {len(layouts)} layouts for "
+                             f"{prompts} --prompt: give one for each, in order")
+        return layouts
+    if bool(args.paint) != bool(args.paint_words or args.negative_paint_words):
+        raise PaintError("--paint (a colour map) goes with --paint-words and/or "
+                         "--negative-paint-words (its colours' phrases)")
+    masks, negative = [], []
+    if args.paint_words:
+        masks += from_color_map(args.paint, read_words(args.paint_words), height, width)
+    if args.negative_paint_words:
+        negative += from_color_map(args.paint, read_words(args.negative_paint_words), height,
+                                   width, partial=True)
+    masks += from_mask_specs(args.paint_mask, height, width)
+    negative += from_mask_specs(args.negative_paint_mask, height, width,
+                                "--negative-paint-mask")
+    if not (masks or negative):
+        return None
+    return [Layout(tuple(masks), tuple(negative))] * prompts
+
+
+def read_paint(args, height: int, width: int | None = None):
+    """The paint-with-words inputs of the command line for the project's models, at the output
+    size (or None)."""
+    from ediffi_jax.paint.masks import PaintError
+    from ediffi_jax.pipeline.generate import Paint
+
+    given = _flags(args, PRETRAINED_PAINT)
+    if given:
+        raise PaintError(f"{', '.join(given)}: only with --pretrained (the project's models "
+                         "paint one layout of the prompt's phrases: --paint / --paint-mask)")
+    settings = paint_settings(args)
+    layouts = read_layouts(args, height, height if width is None else width, 1)
+    return None if layouts is None else Paint(layouts[0].masks, args.paint_scale, settings)
 
 
 if __name__ == "__main__":

@@ -264,13 +264,38 @@ def stage_plans(stages, pipes, steps: int, sampler: str, guidance_scale: float, 
             for k, (stage, pipe) in enumerate(zip(stages, pipes))]
 
 
-def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size):
-    """The conditioning of prompts[start:start + batch] (with their paint masks)."""
+def encode(encoder, prompts, negative, paint_masks, start: int, batch: int, size,
+           negative_masks=None):
+    """The conditioning of prompts[start:start + batch] (with their paint masks, and those of
+    their negative prompts)."""
     import jax.numpy as jnp
 
     part = slice(start, start + batch)
     cond = encoder.encode(prompts[part], None if negative is None else negative[part], size=size)
-    return cond if paint_masks is None else cond.replace(paint=jnp.asarray(paint_masks[part]))
+    painted = {name: jnp.asarray(masks[part]) for name, masks in
+               (("paint", paint_masks), ("negative_paint", negative_masks)) if masks is not None}
+    return cond.replace(**painted) if painted else cond
+
+
+def layout_masks(encoder, prompts, negative, layouts, scale: float):
+    """(paint, negative_paint) token masks, one row per prompt (or None where nothing is
+    painted): each prompt's Layout on its prompt's tokens and on its negative prompt's
+    (`negative`: one per prompt, None if none was given); the positive ones zeros where only
+    negative phrases are painted, as CFG runs both branches as one batch."""
+    from ediffi_jax.paint.masks import PaintError
+
+    masks = negative_masks = None
+    if any(layout.masks for layout in layouts):
+        masks = encoder.paint_masks(prompts, [layout.masks for layout in layouts], scale)
+    if any(layout.negative for layout in layouts):
+        if negative is None:
+            raise PaintError("negative phrases are painted (--negative-paint-words / "
+                             "--negative-paint-mask / a layout's negative_*): give the "
+                             "--negative-prompt they are phrases of")
+        negative_masks = encoder.paint_masks(negative, [layout.negative for layout in layouts],
+                                             scale, negative=True)
+        masks = np.zeros_like(negative_masks) if masks is None else masks
+    return masks, negative_masks
 
 
 def run(args, overrides) -> int:
@@ -283,7 +308,7 @@ def run(args, overrides) -> int:
                                                 load_pretrained, read_pretrained_cascade)
     from ediffi_jax.pipeline.pretrained_experts import is_pretrained_experts, prompt_encoder
     from ediffi_jax.rng import check_seed
-    from sample.__main__ import read_paint, write_batches
+    from sample.__main__ import paint_settings, read_layouts, write_batches
 
     try:
         given = [f"--{k.replace('_', '-')}" for k in UNSUPPORTED if getattr(args, k, None)]
@@ -301,14 +326,17 @@ def run(args, overrides) -> int:
             raise ConfigError(f"{args.cascade}: an experts file as a stage of a cascade is "
                               "not supported yet (sample it alone with --pretrained FILE)")
         prompts = [q for q in args.prompt for _ in range(args.num)]
-        negative = args.negative_prompt  # None: "" (or zeros where the pipeline forces them)
-        if negative is not None:
-            if len(negative) == 1:
-                negative = negative * len(args.prompt)
-            if len(negative) != len(args.prompt):
-                raise ConfigError(f"{len(negative)} --negative-prompt for {len(args.prompt)} "
-                                  "--prompt: give one for each, or one for all")
-            negative = [n for n in negative for _ in range(args.num)]
+        # one per --prompt; None: "" (or zeros where the pipeline forces them)
+        negative_prompts = args.negative_prompt
+        negative = None
+        if negative_prompts is not None:
+            if len(negative_prompts) == 1:
+                negative_prompts = negative_prompts * len(args.prompt)
+            if len(negative_prompts) != len(args.prompt):
+                raise ConfigError(f"{len(negative_prompts)} --negative-prompt for "
+                                  f"{len(args.prompt)} --prompt: give one for each, or one "
+                                  "for all")
+            negative = [n for n in negative_prompts for _ in range(args.num)]
         size = (parse_size(args.size) if args.size
                 else (args.resolution,) * 2 if args.resolution else None)
         highres = read_highres(args)
@@ -333,12 +361,15 @@ def run(args, overrides) -> int:
         sizes = stage_sizes(stages, pipes, size)
         encoder = prompt_encoder(stages[0].pretrained, args.dtype, clip_skip=args.clip_skip)
         # Paint-with-words: masks at the last stage's size, biasing every stage's
-        # cross-attention; every prompt's phrases checked here.
-        paint = read_paint(args, *sizes[-1])
-        paint_masks = None
-        if paint is not None:
-            paint_masks = np.repeat(encoder.paint_masks(args.prompt, paint.masks, paint.scale),
-                                    args.num, axis=0)
+        # cross-attention; every prompt's (and negative prompt's) phrases checked here.
+        settings = paint_settings(args)
+        layouts = read_layouts(args, *sizes[-1], len(args.prompt))
+        paint_masks = negative_masks = None
+        if layouts is not None:
+            paint_masks, negative_masks = (
+                None if m is None else np.repeat(m, args.num, axis=0)
+                for m in layout_masks(encoder, args.prompt, negative_prompts, layouts,
+                                      args.paint_scale))
         ratio = None
         if args.attention_entropy:
             (h, w), (h0, w0) = sizes[-1], native_size(pipes[-1])
@@ -347,12 +378,13 @@ def run(args, overrides) -> int:
                                   f"{h0}x{w0}")
             ratio = h * w / (h0 * w0)
         plans = stage_plans(stages, pipes, args.steps, args.sampler, args.guidance_scale,
-                            args.schedule, paint.settings if paint is not None else None,
+                            args.schedule, settings if layouts is not None else None,
                             highres_plan, ratio)
         batch = args.batch or len(prompts)
         batch += -batch % cascade.batch_multiple  # whole batches on every device
         # Every input checked before any sampling: the first batch's prompts encode here.
-        first = encode(encoder, prompts, negative, paint_masks, 0, batch, sizes[0])
+        first = encode(encoder, prompts, negative, paint_masks, 0, batch, sizes[0],
+                       negative_masks)
         cascade.check(first)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -382,7 +414,7 @@ def run(args, overrides) -> int:
     def each_batch():
         for start in batches:
             cond = first if start == 0 else encode(encoder, prompts, negative, paint_masks,
-                                                   start, batch, sizes[0])
+                                                   start, batch, sizes[0], negative_masks)
             yield start, prompts[start:start + batch], (
                 np.asarray(to_uint8(out)) for out in cascade.each_stage(
                     plans, cond, sizes=sizes, seed=args.seed, first_index=start))

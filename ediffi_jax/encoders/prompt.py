@@ -183,12 +183,16 @@ class PromptEncoder:
         ids = tuple(tokenizer(self._as_read(phrase), add_special_tokens=False)["input_ids"])
         return TokenStream(stream, 0, tuple(tokenizer.convert_ids_to_tokens(list(ids))), ids)
 
-    def paint_masks(self, prompts: Sequence[str], masks, scale: float = 1.0) -> np.ndarray:
+    def paint_masks(self, prompts: Sequence[str], masks, scale: float = 1.0,
+                    negative: bool = False) -> np.ndarray:
         """PromptConditioning.paint [B, H, W, L] (L: context_length()): each phrase's mask x
         strength x `scale` in the columns of its tokens (every occurrence); `masks`
-        PhraseMasks shared by every prompt, or one sequence per prompt. A phrase missing
-        from a prompt is a PaintError naming both token lists."""
-        return batch_token_masks(self, prompts, masks, self.context_length(), scale)
+        PhraseMasks shared by every prompt, or one sequence per prompt (an empty one:
+        zeros). A phrase missing from a prompt is a PaintError naming both token lists.
+        `negative`: `prompts` are the negative prompts, the result negative_paint (the
+        negative prompts tokenize as the prompts do; only the errors say which is meant)."""
+        return batch_token_masks(self, prompts, masks, self.context_length(), scale,
+                                 "negative prompt" if negative else "prompt")
 
     def token_ids(self, prompt: str, tower: int = 0) -> np.ndarray:
         return np.asarray(self.towers[tower][0](prompt)["input_ids"], np.int32)

@@ -96,8 +96,12 @@ class PromptConditioning:
     negative_pooled: jax.Array | None = None
     time_ids: jax.Array | None = None  # [B, 6] (SDXL base) or [B, 5] (refiner)
     negative_time_ids: jax.Array | None = None  # the refiner's: its negative aesthetic score
-    # Paint-with-words token masks [B, H_mask, W_mask, L]; zeros in the negative branch.
+    # Paint-with-words token masks [B, H_mask, W_mask, L] on the prompt's tokens, and on the
+    # negative prompt's: negative_paint is the negative branch's paint (zeros without it), so
+    # under CFG a region painted with a negative phrase is pushed away from it. Both branches
+    # run as one batch: with negative_paint, paint is needed too (zeros if nothing is).
     paint: jax.Array | None = None
+    negative_paint: jax.Array | None = None
     # A super-resolution stage's input (DeepFloyd IF stage II): the upsampled, noise-augmented
     # low-res image [B, H, W, C] (VP form, as the pipeline's image_noising_scheduler makes
     # it), concatenated to the U-Net's input, and its augmentation timestep [B], the U-Net's
@@ -110,8 +114,16 @@ class PromptConditioning:
         return self.context.shape[0]
 
     def unconditional(self) -> "PromptConditioning":
+        paint = self.paint
+        if self.negative_paint is not None:
+            if paint is None:
+                raise ValueError("negative_paint needs paint too (zeros where the prompt is "
+                                 "not painted): CFG runs both branches as one batch")
+            paint = self.negative_paint
+        elif paint is not None:
+            paint = jnp.zeros_like(paint)
         return self.replace(
             context=self.negative_context, context_mask=self.negative_mask,
             pooled=self.negative_pooled,
             time_ids=self.time_ids if self.negative_time_ids is None else self.negative_time_ids,
-            paint=None if self.paint is None else jnp.zeros_like(self.paint))
+            paint=paint)

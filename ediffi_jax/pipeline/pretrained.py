@@ -295,14 +295,21 @@ def read_pretrained_cascade(path: str) -> tuple[PretrainedStage, ...]:
     return tuple(stages)
 
 
-def is_pretrained_cascade(path: str) -> bool:
-    """Whether a cascade file lists pretrained folders (else: the project's ensembles)."""
+def lists_pretrained(path: str, key: str) -> bool:
+    """Whether `path` is a JSON file whose `key` list names pretrained folders."""
+    if not os.path.isfile(path):
+        return False
     try:
-        spec = read_json_file(path, "the cascade file")
+        spec = read_json_file(path, f"the {key} file")
     except hf.CheckpointError:
         return False
-    entries = spec.get("stages") if isinstance(spec, dict) else None
+    entries = spec.get(key) if isinstance(spec, dict) else None
     return bool(entries) and isinstance(entries[0], dict) and "pretrained" in entries[0]
+
+
+def is_pretrained_cascade(path: str) -> bool:
+    """Whether a cascade file lists pretrained folders (else: the project's ensembles)."""
+    return lists_pretrained(path, "stages")
 
 
 class PretrainedCascade:

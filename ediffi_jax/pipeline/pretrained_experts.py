@@ -22,17 +22,19 @@ compiles its own loops once; the plan's segments hand the sampler state from one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from fractions import Fraction
 from typing import Sequence
 
+import jax
 import numpy as np
-from flax import struct
 
 from ediffi_jax.diffusion.plan import SAMPLERS, Plan, Segment
 from ediffi_jax.diffusion.sampling import initial_state
 from ediffi_jax.encoders import hf
-from ediffi_jax.pipeline.pretrained import PretrainedPipeline, read_json_file
+from ediffi_jax.pipeline.pretrained import (PretrainedPipeline, lists_pretrained,
+                                            read_json_file)
 
 FIELDS = ("pretrained", "quantiles", "guidance_scale", "sampler", "clip_skip")
 
@@ -51,14 +53,7 @@ class PretrainedExpert:
 
 def is_pretrained_experts(path: str) -> bool:
     """Whether `path` is an experts file of pretrained folders."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        spec = read_json_file(path, "the experts file")
-    except hf.CheckpointError:
-        return False
-    entries = spec.get("experts") if isinstance(spec, dict) else None
-    return bool(entries) and isinstance(entries[0], dict) and "pretrained" in entries[0]
+    return lists_pretrained(path, "experts")
 
 
 def read_pretrained_experts(path: str) -> tuple[PretrainedExpert, ...]:
@@ -98,9 +93,12 @@ def read_pretrained_experts(path: str) -> tuple[PretrainedExpert, ...]:
     return tuple(experts)
 
 
-class ExpertConditioning(struct.PyTreeNode):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["conds"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ExpertConditioning:
     """One PromptConditioning per expert (each encoded by its own folder's text encoders);
-    what a single pipeline's cond is, for an ensemble of them."""
+    what a single pipeline's cond is, for an ensemble of them. A plain dataclass pytree: a
+    flax struct would overwrite the `replace` below with its own."""
 
     conds: tuple
 
@@ -113,14 +111,15 @@ class ExpertConditioning(struct.PyTreeNode):
         return self.conds[0].lowres
 
     def replace(self, **changes) -> "ExpertConditioning":
-        """Every expert's cond changed alike, except `paint` [B, E, H, W, L]: expert k's
-        masks at [:, k], cut to its context length."""
-        paint = changes.pop("paint", None)
+        """Every expert's cond changed alike, except `paint` and `negative_paint`
+        [B, E, H, W, L]: expert k's masks at [:, k], cut to its context length."""
+        stacked = {name: changes.pop(name) for name in ("paint", "negative_paint")
+                   if changes.get(name) is not None}
         conds = []
         for k, cond in enumerate(self.conds):
             own = dict(changes)
-            if paint is not None:
-                own["paint"] = paint[:, k, ..., :cond.context.shape[1]]
+            for name, masks in stacked.items():
+                own[name] = masks[:, k, ..., :cond.context.shape[1]]
             conds.append(cond.replace(**own))
         return ExpertConditioning(tuple(conds))
 
@@ -148,10 +147,11 @@ class ExpertsPromptEncoder:
     def context_length(self) -> int:
         return max(e.context_length() for e in self.encoders)
 
-    def paint_masks(self, prompts, masks, scale: float = 1.0) -> np.ndarray:
+    def paint_masks(self, prompts, masks, scale: float = 1.0, negative: bool = False
+                    ) -> np.ndarray:
         """[B, E, H, W, L]: each expert's token masks (its own tokenizer's reading of every
-        phrase), padded to the longest context."""
-        per = [e.paint_masks(prompts, masks, scale) for e in self.encoders]
+        phrase), padded to the longest context; `negative` as PromptEncoder.paint_masks'."""
+        per = [e.paint_masks(prompts, masks, scale, negative) for e in self.encoders]
         width = max(m.shape[-1] for m in per)
         return np.stack([np.pad(m, [(0, 0)] * 3 + [(0, width - m.shape[-1])]) for m in per], 1)
 
