@@ -305,8 +305,9 @@ def run(args, overrides) -> int:
     from ediffi_jax.parallel.mesh import make_mesh
     from ediffi_jax.pipeline.generate import StepProgress, to_uint8
     from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
-                                                load_pretrained, read_pretrained_cascade)
-    from ediffi_jax.pipeline.pretrained_experts import is_pretrained_experts, prompt_encoder
+                                                read_pretrained_cascade)
+    from ediffi_jax.pipeline.pretrained_experts import (is_pretrained_experts, load_pipeline,
+                                                        prompt_encoder)
     from ediffi_jax.rng import check_seed
     from sample.__main__ import paint_settings, read_layouts, write_batches
 
@@ -341,7 +342,7 @@ def run(args, overrides) -> int:
                 else (args.resolution,) * 2 if args.resolution else None)
         highres = read_highres(args)
         mesh = make_mesh(parse_mesh(args.mesh))
-        pipes = [load_pretrained(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
+        pipes = [load_pipeline(s.pretrained, dtype=args.dtype, variant=args.variant, mesh=mesh)
                  for s in stages]
         for pipe in pipes:
             pipe.vae_tile_rows = args.vae_tile_rows

@@ -401,12 +401,12 @@ class PretrainedStudio(Studio):
         import os
 
         from ediffi_jax.pipeline.pretrained import (PretrainedCascade, PretrainedStage,
-                                                    load_pretrained, read_pretrained_cascade)
-        from ediffi_jax.pipeline.pretrained_experts import prompt_encoder
+                                                    read_pretrained_cascade)
+        from ediffi_jax.pipeline.pretrained_experts import load_pipeline, prompt_encoder
         from sample.pretrained import native_size, stage_name, vae_factor
 
         self.stages = read_pretrained_cascade(path) if cascade else (PretrainedStage(path),)
-        self.pipes = [load_pretrained(s.pretrained, dtype=dtype, variant=variant, mesh=mesh)
+        self.pipes = [load_pipeline(s.pretrained, dtype=dtype, variant=variant, mesh=mesh)
                       for s in self.stages]
         self.cascade = PretrainedCascade(self.pipes, [s.noise_level for s in self.stages])
         self.encoder = prompt_encoder(self.stages[0].pretrained, dtype)

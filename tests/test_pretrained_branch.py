@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ediffi_jax.diffusion import discrete
-from ediffi_jax.pipeline.pretrained import load_pretrained
+from ediffi_jax.pipeline.pretrained_experts import load_pipeline
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
 PARENT = os.path.join(FIXTURES, "tiny_sd")
@@ -64,7 +64,7 @@ def test_the_expert_beats_its_parent_on_its_interval(expert):
     info = json.loads((out / "ediffi_expert.json").read_text())
     assert info["quantiles"] == ["0", "1/2"] and info["step"] == 16
     assert os.path.islink(out / "vae") and not os.path.islink(out / "unet")
-    parent, child = load_pretrained(PARENT), load_pretrained(str(out))
+    parent, child = load_pipeline(PARENT), load_pipeline(str(out))
     own = (0, 499)
     assert heldout_loss(child, own) < 0.9 * heldout_loss(parent, own)
 
@@ -77,12 +77,12 @@ def test_an_experts_file_pairs_the_expert_with_its_parent(expert, tmp_path):
     path.write_text(json.dumps({"experts": [
         {"pretrained": str(out), "quantiles": ["0", "1/2"]},
         {"pretrained": PARENT, "quantiles": ["1/2", "1"]}]}))
-    pipe = load_pretrained(str(path))
+    pipe = load_pipeline(str(path))
     plan = pipe.plan(6, guidance_scale=3.0)
     assert [s.experts for s in plan.segments] == [(1, 1), (0, 0)]
     images = pipe.sample(plan, prompt_encoder(str(path)).encode(["a red circle"]), seed=0,
                          size=(16, 16))
-    alone = load_pretrained(PARENT)
+    alone = load_pipeline(PARENT)
     direct = alone.sample(alone.plan(6, guidance_scale=3.0),
                           prompt_encoder(PARENT).encode(["a red circle"]), seed=0, size=(16, 16))
     assert np.abs(np.asarray(images) - np.asarray(direct)).max() > 1e-3  # the expert acted

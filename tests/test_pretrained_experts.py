@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ediffi_jax.encoders.hf import CheckpointError
-from ediffi_jax.pipeline.pretrained import load_pretrained
+from ediffi_jax.pipeline.pretrained_experts import load_pipeline
 from ediffi_jax.pipeline.pretrained_experts import prompt_encoder, read_pretrained_experts
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
@@ -41,7 +41,7 @@ def sdxl(tmp_path_factory, ref):
         {"pretrained": BASE, "quantiles": ["1/5", "1"],
          "guidance_scale": float(ref["base_guidance"])}])
     assert abs(boundary - 0.2) < 1e-6
-    return path, load_pretrained(path)
+    return path, load_pipeline(path)
 
 
 def test_base_then_refiner_match_diffusers(sdxl, ref):
@@ -82,7 +82,7 @@ def test_one_folder_split_in_two_is_the_folder_alone(tmp_path):
     folder does alone, the sampler state (DPM-Solver++'s history too) handed across."""
     path = write(tmp_path, [{"pretrained": SD, "quantiles": ["0", "1/2"]},
                             {"pretrained": SD, "quantiles": ["1/2", "1"]}])
-    experts, alone = load_pretrained(path), load_pretrained(SD)
+    experts, alone = load_pipeline(path), load_pipeline(SD)
     cond_e = prompt_encoder(path).encode(PROMPTS)
     cond = prompt_encoder(SD).encode(PROMPTS)
     for sampler in ("euler", "dpmpp_2m"):
@@ -98,7 +98,7 @@ def test_per_expert_sampler_and_guidance(tmp_path):
     path = write(tmp_path, [{"pretrained": SD, "quantiles": ["0", "1/2"], "sampler": "dpmpp_2m",
                              "guidance_scale": 1.0},
                             {"pretrained": SD, "quantiles": ["1/2", "1"], "sampler": "heun"}])
-    pipe = load_pretrained(path)
+    pipe = load_pipeline(path)
     plan = pipe.plan(8, sampler="euler", guidance_scale=4.0)
     who = pipe.owners(plan.sigmas)
     for seg in plan.segments:
@@ -150,12 +150,12 @@ def test_experts_must_share_a_latent_space_and_files_do_not_nest(tmp_path):
     mixed = write(tmp_path, [{"pretrained": SD, "quantiles": ["0", "1/2"]},
                              {"pretrained": BASE, "quantiles": ["1/2", "1"]}])
     with pytest.raises(ValueError, match="VAE differs"):
-        load_pretrained(mixed)
+        load_pipeline(mixed)
     nested = write(tmp_path, [{"pretrained": "experts.json", "quantiles": ["0", "1"]}],
                    "outer.json")
     write(tmp_path, [{"pretrained": SD, "quantiles": ["0", "1"]}])
     with pytest.raises(CheckpointError, match="experts files do not nest"):
-        load_pretrained(nested)
+        load_pipeline(nested)
 
 
 def test_highres_needs_one_unet_architecture(sdxl):

@@ -398,13 +398,8 @@ def _solver(sampler: str) -> str:
 def load_pretrained(directory: str, *, dtype: str = "float32", variant: str | None = None,
                     mesh=None) -> PretrainedPipeline:
     """A pipeline folder (model_index.json) or a single U-Net folder (config.json of a
-    UNet2DConditionModel, with a scheduler_config.json beside it or in ../scheduler), or an
-    experts file of such folders (pipeline/pretrained_experts.py)."""
-    from ediffi_jax.pipeline import pretrained_experts
-
-    if pretrained_experts.is_pretrained_experts(directory):
-        return pretrained_experts.load_pretrained_experts(directory, dtype=dtype,
-                                                          variant=variant, mesh=mesh)
+    UNet2DConditionModel, with a scheduler_config.json beside it or in ../scheduler); an
+    experts file of such folders loads with pipeline/pretrained_experts.py's load_pipeline."""
     if os.path.isfile(os.path.join(directory, "model_index.json")):
         components = read_pipeline(directory)
         unet_dir = os.path.join(directory, "unet")

@@ -33,8 +33,9 @@ import numpy as np
 from ediffi_jax.diffusion.plan import SAMPLERS, Plan, Segment
 from ediffi_jax.diffusion.sampling import initial_state
 from ediffi_jax.encoders import hf
+from ediffi_jax.encoders.prompt import PromptEncoder
 from ediffi_jax.pipeline.pretrained import (PretrainedPipeline, lists_pretrained,
-                                            read_json_file)
+                                            load_pretrained, read_json_file)
 
 FIELDS = ("pretrained", "quantiles", "guidance_scale", "sampler", "clip_skip")
 
@@ -130,8 +131,6 @@ class ExpertsPromptEncoder:
 
     def __init__(self, experts: Sequence[PretrainedExpert], dtype: str = "float32",
                  clip_skip: int | None = None, mesh=None):
-        from ediffi_jax.encoders.prompt import PromptEncoder
-
         made: dict = {}
         self.encoders = []
         for e in experts:
@@ -158,8 +157,6 @@ class ExpertsPromptEncoder:
 
 def prompt_encoder(path: str, dtype: str = "float32", clip_skip: int | None = None, mesh=None):
     """The text side of a pipeline folder, or of every expert of an experts file."""
-    from ediffi_jax.encoders.prompt import PromptEncoder
-
     if is_pretrained_experts(path):
         return ExpertsPromptEncoder(read_pretrained_experts(path), dtype, clip_skip, mesh)
     return PromptEncoder(path, dtype, mesh, clip_skip=clip_skip)
@@ -267,8 +264,6 @@ class PretrainedExperts(PretrainedPipeline):
 def load_pretrained_experts(path: str, *, dtype: str = "float32", variant: str | None = None,
                             mesh=None) -> PretrainedExperts:
     """Every expert's folder loaded onto one mesh, checked to share a latent space."""
-    from ediffi_jax.pipeline.pretrained import load_pretrained
-
     specs = read_pretrained_experts(path)
     made: dict = {}
     pipes = []
@@ -283,6 +278,14 @@ def load_pretrained_experts(path: str, *, dtype: str = "float32", variant: str |
     return PretrainedExperts.from_pipelines(path, pipes, specs)
 
 
+def load_pipeline(path: str, *, dtype: str = "float32", variant: str | None = None,
+                  mesh=None) -> PretrainedPipeline:
+    """A pipeline or U-Net folder (load_pretrained), or an experts file of them."""
+    if is_pretrained_experts(path):
+        return load_pretrained_experts(path, dtype=dtype, variant=variant, mesh=mesh)
+    return load_pretrained(path, dtype=dtype, variant=variant, mesh=mesh)
+
+
 __all__ = ["ExpertConditioning", "ExpertsPromptEncoder", "PretrainedExpert",
-           "PretrainedExperts", "is_pretrained_experts", "load_pretrained_experts",
-           "prompt_encoder", "read_pretrained_experts"]
+           "PretrainedExperts", "is_pretrained_experts", "load_pipeline",
+           "load_pretrained_experts", "prompt_encoder", "read_pretrained_experts"]

@@ -28,12 +28,15 @@ from ediffi_jax.config import ConfigError
 from ediffi_jax.diffusion import discrete
 from ediffi_jax.encoders.conditioner import abstract_text_tower
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
+from ediffi_jax.models.conditioning import PromptConditioning
 from ediffi_jax.parallel.mesh import (batch_sharding, logical_shardings, make_mesh,
                                       with_activation_rules)
 from ediffi_jax.pipeline.pretrained import read_component_config, read_json_file
 from ediffi_jax.runs.checkpoint import abstract_like
 from ediffi_jax.training.dry_run import GIB, _devices, _per_device_bytes, cost_of
+from ediffi_jax.training.pretrained import DiscreteModel, discrete_loss
 from ediffi_jax.training.step import TrainConfig, init_state, make_optimizer, state_shardings
+from ediffi_jax.training.trainer import jit_train_step
 
 TEXT_TOWERS = ("text_encoder", "text_encoder_2")
 TOKENS = 77  # every one of these pipelines pads its prompts to 77 tokens
@@ -290,10 +293,6 @@ def _plan_finetune(layout, unet, unet_cfg, unet_boxed, shape, batch, mesh) -> Fi
     (training/pretrained.py: its own discrete-time loss, AdamW, EMA, skipped non-finite
     updates, state donated); the frozen encoders and VAE run outside the step and are not
     counted here. None for a super-resolution stage, which that fine-tune does not train."""
-    from ediffi_jax.models.conditioning import PromptConditioning
-    from ediffi_jax.training.pretrained import DiscreteModel, discrete_loss
-    from ediffi_jax.training.trainer import jit_train_step
-
     schedule, learned_variance = _schedule(layout)
     noisy = unet_cfg.out_channels // 2 if learned_variance else unet_cfg.out_channels
     if shape[-1] > noisy:  # IF stage II: its input holds the low-res image

@@ -18,6 +18,7 @@ what classifier-free guidance's unconditional branch reads at sampling.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from fractions import Fraction
 from typing import NamedTuple
@@ -27,13 +28,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ediffi_jax.atomic import atomic_directory
 from ediffi_jax.config import ConfigError, fill_defaults, section
 from ediffi_jax.data.pipeline import make_pipeline, to_global_arrays
 from ediffi_jax.diffusion import discrete
+from ediffi_jax.encoders.prompt import PromptEncoder
 from ediffi_jax.models import diffusers_unet, vae as vae_lib
 from ediffi_jax.models.conditioning import PromptConditioning
+from ediffi_jax.parallel.distributed import DistributedConfig, initialize
+from ediffi_jax.parallel.mesh import make_mesh
+from ediffi_jax.pipeline.pretrained import load_pretrained, read_json_file
+from ediffi_jax.pipeline.pretrained_experts import is_pretrained_experts
+from ediffi_jax.runs.diffusers_export import write_diffusers_unet
 from ediffi_jax.runs.spec import DataConfig, MeshConfig
+from ediffi_jax.runs.store import load_params, run_config
+from ediffi_jax.training.lock import WorkdirLock
+from ediffi_jax.training.resume import check_changes
 from ediffi_jax.training.step import TrainConfig, example_key
+from ediffi_jax.training.trainer import Family, build_source, jit_train_step, train_family
 
 SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
 COND_FIELDS = ("context", "context_mask", "negative_context", "negative_mask", "pooled",
@@ -152,11 +164,6 @@ def finetune_family(config, mesh):
     """The Family (training/trainer.py) of a pretrained fine-tune, checked before any step:
     a text-to-image checkpoint (IF stage II's low-res path is not trained here), a batch that
     splits over the mesh, data at the checkpoint's size."""
-    from ediffi_jax.encoders.prompt import PromptEncoder
-    from ediffi_jax.pipeline.pretrained import load_pretrained
-    from ediffi_jax.pipeline.pretrained_experts import is_pretrained_experts
-    from ediffi_jax.training.trainer import Family, build_source, jit_train_step
-
     pretrained, tcfg, data, _ = parse_finetune(config)
     if tcfg.init_from:
         raise ConfigError("train.init_from: a pretrained fine-tune starts from `pretrained`")
@@ -186,14 +193,6 @@ def train_pretrained(config, workdir: str, *, changes=(), restart_if_unreadable=
                      log=functools.partial(print, flush=True)):
     """Fine-tune (or resume) a pretrained expert in `workdir`: the trainer's checks, lock
     and loop (training/trainer.py train_family)."""
-    import json
-
-    from ediffi_jax.parallel.distributed import DistributedConfig, initialize
-    from ediffi_jax.parallel.mesh import make_mesh
-    from ediffi_jax.training.lock import WorkdirLock
-    from ediffi_jax.training.resume import check_changes
-    from ediffi_jax.training.trainer import train_family
-
     _, tcfg, _, mesh_cfg = parse_finetune(config)
     initialize(section(DistributedConfig, config.get("distributed"), "distributed"), log=log)
     try:
@@ -223,13 +222,6 @@ def export_pretrained(workdir: str, out: str, dtype: str = "float32",
     (relative symlinks: the text encoders and VAE are the frozen parent's), with
     ediffi_expert.json naming the parent and the interval. Atomic: built beside `out`,
     renamed into place (ediffi_jax/atomic.py), an existing `out` replaced only on success."""
-    import json
-
-    from ediffi_jax.atomic import atomic_directory
-    from ediffi_jax.pipeline.pretrained import read_json_file
-    from ediffi_jax.runs.diffusers_export import write_diffusers_unet
-    from ediffi_jax.runs.store import load_params, run_config
-
     config = run_config(workdir)
     if "pretrained" not in config:
         raise ConfigError(f"{workdir} is not a pretrained fine-tune (train.branch --pretrained)")
