@@ -27,6 +27,7 @@ import os
 import queue
 import re
 import sys
+import signal
 import threading
 import time
 import traceback
@@ -245,6 +246,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
+    # Ctrl-C (SIGINT) stops it even when started from a shell's background job, which
+    # inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"serving {studio.name} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -242,7 +242,7 @@ def test_the_command_starts_prints_its_address_and_stops_on_ctrl_c():
         info = call(address, "/api/info")[1]
         assert info["name"] == "paint-shapes" and info["can_paint"]
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)  # a loaded machine stops slower
+        out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopping" in out
