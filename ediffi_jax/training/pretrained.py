@@ -44,8 +44,9 @@ from ediffi_jax.runs.spec import DataConfig, MeshConfig
 from ediffi_jax.runs.store import load_params, run_config
 from ediffi_jax.training.lock import WorkdirLock
 from ediffi_jax.training.resume import check_changes
-from ediffi_jax.training.step import TrainConfig, example_key
-from ediffi_jax.training.trainer import Family, build_source, jit_train_step, train_family
+from ediffi_jax.training.step import TrainConfig, example_key, soft_bounds
+from ediffi_jax.training.trainer import (Family, build_source, captions_of, jit_train_step,
+                                         train_family)
 
 SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
 COND_FIELDS = ("context", "context_mask", "negative_context", "negative_mask", "pooled",
@@ -68,10 +69,7 @@ def timestep_interval(schedule: "discrete.DiscreteSchedule", quantiles) -> np.nd
 
 def example_timestep(cfg: TrainConfig, key, interval, num_timesteps: int):
     """An integer timestep uniform in [lo, hi) (with probability soft_interval_p in [0, T))."""
-    lo, hi = interval[0], interval[1]
-    if cfg.soft_interval_p > 0:  # its own key: at p = 0 every draw is what it always was
-        anywhere = jax.random.uniform(jax.random.fold_in(key, 1)) < cfg.soft_interval_p
-        lo, hi = jnp.where(anywhere, 0.0, lo), jnp.where(anywhere, float(num_timesteps), hi)
+    lo, hi = soft_bounds(cfg, key, interval[0], interval[1], float(num_timesteps))
     t = jnp.floor(lo + jax.random.uniform(key) * (hi - lo))
     return jnp.minimum(t, jnp.ceil(hi) - 1).astype(jnp.int32)
 
@@ -128,8 +126,7 @@ class PretrainedBatches:
                               "(set data.resolution, or data.shapes.resolution)")
         x0 = (np.asarray(self._encode(self.pipe.vae_params, images)) if self.pipe.vae
               is not None else images)
-        captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
-        cond = self.encoder.encode(captions, size=self.size)
+        cond = self.encoder.encode(captions_of(batch), size=self.size)
         host = {"x0": x0, "index": np.asarray(batch["index"], np.int32),
                 "cond": {f: np.asarray(getattr(cond, f)) for f in COND_FIELDS
                          if getattr(cond, f) is not None}}

@@ -149,15 +149,22 @@ def lowres_key(seed: int, index) -> jax.Array:
     return jax.random.fold_in(stream(seed, Stream.TRAIN_LOWRES), index)
 
 
+def soft_bounds(cfg: TrainConfig, key, lo, hi, top: float = 1.0):
+    """The interval an example draws from: (lo, hi), or with probability
+    cfg.soft_interval_p the whole range (0, top). Its own key (fold_in(key, 1)): at p = 0
+    every draw is what it always was."""
+    if cfg.soft_interval_p > 0:
+        anywhere = jax.random.uniform(jax.random.fold_in(key, 1)) < cfg.soft_interval_p
+        lo, hi = jnp.where(anywhere, 0.0, lo), jnp.where(anywhere, top, hi)
+    return lo, hi
+
+
 def example_randomness(cfg: TrainConfig, index, image_shape, interval):
     """sigma (within the quantile `interval`, or with probability cfg.soft_interval_p
     anywhere), noise and per-part keep flags of one example, from its global index."""
     key = example_key(cfg.seed, index)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
-    lo, hi = interval[0], interval[1]
-    if cfg.soft_interval_p > 0:  # its own key: at p = 0 every draw is what it always was
-        anywhere = jax.random.uniform(jax.random.fold_in(key, 1)) < cfg.soft_interval_p
-        lo, hi = jnp.where(anywhere, 0.0, lo), jnp.where(anywhere, 1.0, hi)
+    lo, hi = soft_bounds(cfg, key, interval[0], interval[1])
     sigma = edm.LogNormalSigma().sample(k_sigma, (), lo, hi)
     noise = jax.random.normal(k_noise, image_shape, jnp.float32)
     u = jax.random.uniform(k_drop, (3,))

@@ -96,6 +96,11 @@ def conditioning_source(run: RunSpec, source):
     return UnpackConditioning(layout), None
 
 
+def captions_of(batch) -> list[str]:
+    """A pipeline batch's captions as str (records store bytes)."""
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+
+
 class _Batches:
     """Host batches from the pipeline -> device arrays: images to [-1, 1], captions encoded
     (unless the records carry precomputed conditioning)."""
@@ -108,7 +113,7 @@ class _Batches:
         if "cond" in batch:
             cond = Conditioning(**{f: np.asarray(batch["cond"][f], np.float32) for f in FIELDS})
         else:
-            captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+            captions = captions_of(batch)
             # A CLIP image tower embeds each training image (eDiff-I's style path; dropped 90%).
             images = list(batch["image"]) if self.encoder.clip_vision is not None else None
             cond = self.encoder.encode(captions, images)
