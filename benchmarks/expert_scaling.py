@@ -241,7 +241,7 @@ def loss_table(rows: list[dict], arms: list[Arm]) -> str:
              + " |", "|---|" + "---|" * len(bins)]
     for arm in arms:
         base = matched_baseline(arm, arms)
-        if base is None:
+        if base is None or not any(r["layout"] == arm.label for r in rows):
             continue
         cells = []
         for b in bins:

@@ -63,3 +63,12 @@ def test_plateau_is_the_change_over_the_last_quarter_and_losses_compare_per_seed
               for s in (0, 1) for label, loss in (("2 experts", 0.9), ("1 model, +2S", 1.0))]
     table = loss_table(losses, arms)
     assert "| 2 experts vs 1 model, +2S | -10.0% ± 0.0 |" in table
+
+
+def test_the_loss_table_leaves_out_arms_that_were_not_run():
+    # --report's plan lists soft 8 by default; a study run with --soft-counts 2 has no rows for it
+    _, arms = study_plan(4000, 400, counts=(2, 8), soft_counts=(2, 8), config_d=False)
+    losses = [dict(layout=label, seed=0, bin=0, sigma=0.5, loss=1.0)
+              for label in ("2 experts", "1 model, +2S")]
+    table = loss_table(losses, arms)
+    assert "2 experts vs" in table and "soft" not in table and "8 experts" not in table
