@@ -5,8 +5,8 @@ intervals and a merged-back one-model baseline.
 
     python -m ediffi_jax.data.prepare fashion_mnist --resolution 16 --out data/fashion16
     python -m benchmarks.expert_scaling --data data/fashion16 --out runs/scaling [--seeds 0,1,2]
-        [--parent-steps 4000] [--expert-steps 400] [--counts 2,4,8] [--soft-p 0.2]
-        [--soft-counts 2,8] [--scales 1,2,4] [--num 256] [--ref 3000] [--weights ...]
+        [--parent-steps 128000] [--expert-steps 400] [--counts 2,4,8] [--soft-p 0.2]
+        [--soft-counts 2] [--scales 1,2,4] [--num 256] [--ref 3000] [--weights ...]
     python -m benchmarks.expert_scaling --out runs/scaling --report   # tables + the plot
 
 Per seed (`train.seed`: initialisation, data order, noise), under `<out>/s<seed>/`:
@@ -255,15 +255,39 @@ def loss_table(rows: list[dict], arms: list[Arm]) -> str:
     return "\n".join(lines)
 
 
-def plot(points: list[dict], arms: list[Arm], path: str) -> None:
-    """Left: best FID over w against added compute, per kind of arm (added protocol). Right:
-    FID against class accuracy over w (Fig. 7's axes) for n experts and 1 model + nS."""
+def loss_by_count(rows: list[dict], arms: list[Arm]) -> dict[str, list[tuple]]:
+    """Per kind of arm, (n, mean, std over seeds) of its held-out loss (the mean of the bins)
+    relative to the parent's, in %: n experts at n S added steps (equal compute: at S), the one
+    model at n S. Config-D is left out (its n S is not a tree)."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["layout"], r["seed"]), []).append(r["loss"])
+    mean = {k: float(np.mean(v)) for k, v in by.items()}
+    s = next(a.compute for a in arms if a.label == "1 model, +S")
+    series: dict = {}
+    for a in arms:
+        if a.protocol == "parent" or a.label.startswith("Config-D"):
+            continue
+        equal = a.protocol == "equal"
+        rel = [mean[(a.label, seed)] / mean[("parent", seed)] - 1 for (label, seed) in mean
+               if label == a.label and ("parent", seed) in mean]
+        if rel:
+            series.setdefault(a.kind + (", equal compute" if equal else ""), []).append(
+                (len(a.experts) if equal else a.compute // s, 100 * float(np.mean(rel)),
+                 100 * float(np.std(rel, ddof=1)) if len(rel) > 1 else 0.0))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def plot(points: list[dict], arms: list[Arm], path: str, rows: list[dict] = ()) -> None:
+    """Left: best FID over w against added compute, per kind of arm (added protocol). Middle:
+    FID against class accuracy over w (Fig. 7's axes) for n experts and 1 model + nS. Right:
+    the held-out loss against n, relative to the parent (the clearest signal at this n)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), dpi=100)
+    fig = Figure(figsize=(16, 4.2), dpi=100)
     FigureCanvasAgg(fig)
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    left, middle, right = (fig.add_subplot(1, 3, k) for k in (1, 2, 3))
     seeds = sorted({p["seed"] for p in points})
 
     def best(label):
@@ -297,11 +321,23 @@ def plot(points: list[dict], arms: list[Arm], path: str) -> None:
         acc = [np.mean([p["accuracy"] for p in mine if p["guidance_scale"] == s]) for s in scales]
         fid = [np.mean([p["fid"] for p in mine if p["guidance_scale"] == s]) for s in scales]
         if scales:
-            right.plot(acc, fid, "--" if arm.kind == "1 model" else "-", marker="o",
+            middle.plot(acc, fid, "--" if arm.kind == "1 model" else "-", marker="o",
                        label=arm.label)
-    right.set_xlabel("class accuracy")
-    right.set_ylabel("FID")
-    right.legend(fontsize=7)
+    middle.set_xlabel("class accuracy")
+    middle.set_ylabel("FID")
+    middle.legend(fontsize=7)
+    styles = {"1 model": "k-o", "experts": "b-s", "merged": "g--^", "soft": "m:d",
+              "experts, equal compute": "c-.s"}
+    for name, pts in loss_by_count(list(rows), arms).items():
+        n, m, sd = zip(*pts)
+        right.errorbar(n, m, yerr=sd, fmt=styles.get(name, "-o"), capsize=3, label=name)
+    if rows:
+        right.axhline(0.0, color="0.6", lw=0.8)
+        right.set_xscale("log", base=2)
+        right.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        right.set_xlabel("n (experts; added compute n S, equal compute S)")
+        right.set_ylabel("held-out loss vs the parent (%, ± std)")
+        right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -327,7 +363,7 @@ def report(out: str, arms: list[Arm], plot_path: str | None) -> str:
         parts.append("Held-out EDM loss per noise bin against the compute-matched one model:\n"
                      + loss_table(rows, arms))
     if plot_path and points:
-        plot(points, arms, plot_path)
+        plot(points, arms, plot_path, rows)
     return "\n\n".join(parts)
 
 
@@ -337,11 +373,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/fashion16")
     p.add_argument("--out", default="runs/scaling")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--parent-steps", type=int, default=4000)
+    p.add_argument("--parent-steps", type=int, default=128000)
     p.add_argument("--expert-steps", type=int, default=400)
     p.add_argument("--counts", default="2,4,8")
     p.add_argument("--soft-p", type=float, default=0.2)
-    p.add_argument("--soft-counts", default="2,8")
+    p.add_argument("--soft-counts", default="2")
     p.add_argument("--no-config-d", action="store_true")
     p.add_argument("--scales", default="1,2,4")
     p.add_argument("--num", type=int, default=256)

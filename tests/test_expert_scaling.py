@@ -1,9 +1,11 @@
 """The expert-scaling study in the paper's regime (benchmarks/expert_scaling.py): every arm's
 compute is what its protocol says, every checkpoint it reads is one its runs save, every arm has
 a compute-matched one model, and the plateau bar is read off the curve."""
+import numpy as np
 import pytest
 
-from benchmarks.expert_scaling import curve_table, loss_table, matched_baseline, study_plan
+from benchmarks.expert_scaling import (curve_table, loss_by_count, loss_table, matched_baseline,
+                                       study_plan)
 
 
 def test_every_arm_has_the_compute_its_protocol_says():
@@ -72,3 +74,20 @@ def test_the_loss_table_leaves_out_arms_that_were_not_run():
               for label in ("2 experts", "1 model, +2S")]
     table = loss_table(losses, arms)
     assert "2 experts vs" in table and "soft" not in table and "8 experts" not in table
+
+
+def test_loss_by_count_is_each_arm_relative_to_its_seeds_parent():
+    _, arms = study_plan(4000, 400, counts=(2, 4), soft_counts=(), config_d=False)
+    loss = {"parent": (1.0, 2.0), "2 experts": (0.9, 1.9), "4 experts": (0.8, 1.6),
+            "1 model, +S": (1.0, 2.0), "2 experts, equal compute": (1.0, 1.9)}
+    rows = [dict(layout=k, seed=s, bin=b, loss=v[s] * (1 + b)) for k, v in loss.items()
+            for s in (0, 1) for b in range(2)]
+    series = loss_by_count(rows, arms)
+    assert [n for n, _, _ in series["experts"]] == [2, 4]
+    (_, m2, s2), (_, m4, s4) = series["experts"]
+    assert m2 == pytest.approx(100 * ((0.9 - 1) + (1.9 / 2 - 1)) / 2)   # -7.5%
+    assert m4 == pytest.approx(-20.0) and s4 == pytest.approx(0.0)
+    assert s2 == pytest.approx(100 * np.std([-0.1, -0.05], ddof=1))
+    assert series["experts, equal compute"] == [(2, pytest.approx(-2.5), pytest.approx(
+        100 * np.std([0.0, -0.05], ddof=1)))]
+    assert series["1 model"] == [(1, 0.0, 0.0)]   # B at S; +2S, +4S have no rows
