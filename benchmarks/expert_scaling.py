@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-steps", type=int, default=12, help="sampler steps")
     p.add_argument("--weights", help="the FID Inception weights (default: make eval's)")
     p.add_argument("--report", action="store_true", help="only print the tables and the plot")
-    p.add_argument("--plot", default="docs/expert-scaling.png")
+    p.add_argument("--plot", help="where the plot goes (default: OUT/expert-scaling.png, so a "
+                   "study never overwrites a committed figure unless asked to)")
     args = p.parse_args(argv)
     ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
     try:
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
                     with open(losses, "a") as f:
                         f.writelines(json.dumps({"layout": arm.label, "seed": seed, **r}) + "\n"
                                      for r in rows)
-    print(report(args.out, arms, args.plot))
+    print(report(args.out, arms, args.plot or os.path.join(args.out, "expert-scaling.png")))
     return 0
 
 

@@ -91,3 +91,17 @@ def test_loss_by_count_is_each_arm_relative_to_its_seeds_parent():
     assert series["experts, equal compute"] == [(2, pytest.approx(-2.5), pytest.approx(
         100 * np.std([0.0, -0.05], ddof=1)))]
     assert series["1 model"] == [(1, 0.0, 0.0)]   # B at S; +2S, +4S have no rows
+
+
+def test_report_plots_inside_its_out_folder_unless_told_otherwise(tmp_path):
+    # a --report (or a study) with no --plot once overwrote the committed docs/ figure
+    import shutil
+
+    from benchmarks.expert_scaling import main
+
+    for name in ("results.jsonl", "loss.jsonl", "curve.jsonl"):
+        shutil.copy(f"docs/expert-scaling8/{name}", tmp_path / name)
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "expert-scaling.png").stat().st_size > 10_000
+    assert main(["--report", "--out", str(tmp_path), "--plot", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").exists()
